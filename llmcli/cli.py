@@ -1,0 +1,251 @@
+"""The `llmcli` command line: a thin Typer layer over one module per command.
+
+Nothing heavy is imported here: each command imports its module (and torch/transformers) inside
+its body, so `llmcli --help` stays fast. Errors the user can fix become one line on stderr with
+the exit codes in `llmcli.errors`; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from llmcli import __version__, console
+from llmcli.errors import EXIT_FAILURE, EXIT_SIGINT, LlmcliError
+
+app = typer.Typer(
+    name="llmcli",
+    help="Train, fine-tune, generate with and evaluate GPT-2 and BERT style models: one command, one YAML file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set training.max_steps=20 (repeatable).")]
+OutputDirOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Shortcut for --set training.output_dir=DIR.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume from the newest complete checkpoint in the output dir.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in an output dir that holds a previous run (deletes it).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate config, data and model, print the plan, train nothing.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, model dir or llmcli run dir (overrides model.model_name_or_path).")]
+CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="With a run dir: 'latest' or a step number instead of the final model.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: bf16 on CUDA, else fp32).")]
+
+
+class TextOrJsonl(str, Enum):
+    text = "text"
+    jsonl = "jsonl"
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"llmcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+):
+    """Train, fine-tune, generate with and evaluate GPT-2 and BERT style models."""
+
+
+def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
+    """Run a command body; map errors to one-line messages and exit codes."""
+    console.configure(quiet=quiet, debug=debug)
+    _quiet_libraries(debug)
+    try:
+        return fn()
+    except LlmcliError as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        console.error(str(err))
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        raise typer.Exit(EXIT_SIGINT) from None
+    except typer.Exit:
+        raise
+    except Exception as err:  # a bug or a library failure: still one line unless --debug
+        if debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:500]
+        console.error(f"{type(err).__name__}: {first} (rerun with --debug for the traceback)")
+        raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not console.stderr_is_tty() or console.quiet():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _overrides(sets: Optional[list[str]], output_dir: Optional[str] = None, **flags) -> list[str]:
+    out = list(sets or [])
+    if output_dir is not None:
+        out.append(f"training.output_dir={output_dir}")
+    for key, value in flags.items():
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+_NOISY = ("_runtime", "_samples_per_second", "_steps_per_second", "num_input_tokens_seen", "_per_class", "confusion_matrix")
+
+
+def _train_command(module: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, extra=()):
+    def body():
+        import importlib
+
+        from llmcli.config import load_config
+
+        cfg = load_config(config, _overrides(sets, output_dir) + list(extra))
+        mod = importlib.import_module(f"llmcli.{module}")
+        if cfg.launch.num_processes > 1 and not dry_run:
+            from llmcli import launch
+
+            return launch.relaunch(cfg)
+        summary = mod.run(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        if not dry_run and summary:
+            from llmcli.runs import is_main_process
+
+            if is_main_process():
+                shown = [(k, v) for k, v in summary.items() if v is not None and not k.endswith(_NOISY)]
+                console.table(f"{module} finished: {cfg.training.output_dir}", shown)
+
+    _invoke(body, quiet, debug)
+
+
+@app.command()
+def pretrain(
+    config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, resume: ResumeOpt = True,
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes to launch through accelerate (one per GPU).")] = None,
+):
+    """Pretrain a causal LM (GPT-2 style) or masked LM (BERT style), from scratch or from a checkpoint."""
+    extra = [f"launch.num_processes={num_processes}"] if num_processes else []
+    _train_command("pretrain", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug, extra)
+
+
+@app.command()
+def finetune(
+    config: ConfigOpt = None, set_: SetOpt = None, output_dir: OutputDirOpt = None, resume: ResumeOpt = True,
+    overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+    model: ModelOpt = None,
+    merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="With LoRA: also save a merged full model in merged/.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes to launch through accelerate (one per GPU).")] = None,
+):
+    """Fine-tune a pretrained model: sequence classification or causal LM (optionally with LoRA)."""
+    extra = _overrides(None, None, **{"model.model_name_or_path": model, "peft.merge": merge, "launch.num_processes": num_processes})
+    _train_command("finetune", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug, extra)
+
+
+@app.command()
+def generate(
+    model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable); \\n escapes allowed.")] = None,
+    input_: Annotated[Optional[str], typer.Option("--input", "-i", help="File of prompts, one per line ('-' = stdin).")] = None,
+    input_format: Annotated[TextOrJsonl, typer.Option("--input-format", help="text: one prompt per line; jsonl: objects with a 'prompt' field.")] = TextOrJsonl.text,
+    format_: Annotated[TextOrJsonl, typer.Option("--format", "-f", help="text: one completion per line; jsonl: one object per prompt.")] = TextOrJsonl.text,
+    output: Annotated[Optional[str], typer.Option("--output", help="Write results here instead of stdout.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens to generate per prompt.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="> 1 discourages repeats.")] = None,
+    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences", "-n", help="Completions per prompt.")] = None,
+    do_sample: Annotated[Optional[bool], typer.Option("--do-sample/--greedy", help="Force sampling or greedy decoding.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Cut completions at this string (repeatable).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Prompts per batch.")] = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Generate text from a trained model (or label text with a classifier); prompts from flags, files or stdin."""
+
+    def body():
+        from llmcli import generate as gen
+        from llmcli.config import load_config
+
+        flags = {
+            "model.model_name_or_path": model, "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
+            "generation.top_k": top_k, "generation.top_p": top_p, "generation.repetition_penalty": repetition_penalty,
+            "generation.num_return_sequences": num_return_sequences, "generation.do_sample": do_sample,
+            "generation.seed": seed, "generation.batch_size": batch_size,
+        }
+        cfg = load_config(config, _overrides(set_, None, **flags), check_training=False)
+        if stop:
+            cfg.generation.stop = list(stop)
+        gen.run(cfg, prompts=prompt, input_path=input_, input_format=input_format.value, output_format=format_.value,
+                output_path=output, checkpoint=checkpoint, device=device, dtype=dtype)
+
+    _invoke(body, quiet, debug)
+
+
+@app.command("eval")
+def eval_(
+    model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Evaluation file (.txt/.raw, .jsonl, .csv/.tsv, .parquet).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Hub dataset id (e.g. wikitext).")] = None,
+    dataset_config: Annotated[Optional[str], typer.Option("--dataset-config", help="Hub dataset config (e.g. wikitext-2-raw-v1).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Hub dataset split (default: test).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Sliding-window length (default: the model's context).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens scored per window (default: max-length).")] = None,
+    text_column: Annotated[Optional[str], typer.Option("--text-column", help="Text column of a dataset.")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column (classifiers).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Windows/examples per forward pass.")] = None,
+    add_bos: Annotated[Optional[bool], typer.Option("--add-bos/--no-add-bos", help="Prepend BOS to the evaluation text.")] = None,
+    per_document: Annotated[Optional[bool], typer.Option("--per-document/--whole-text", help="Score each document separately (lm-eval style).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", help="Also write the JSON result to this file.")] = None,
+    errors: Annotated[Optional[str], typer.Option("--errors", help="Classifiers: write misclassified examples here as JSONL.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="metric=value: exit 3 if the metric is below (repeatable).")] = None,
+    fail_over: Annotated[Optional[list[str]], typer.Option("--fail-over", help="metric=value: exit 3 if the metric is above (repeatable).")] = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Evaluate a model: perplexity and bits per byte for LMs, accuracy/precision/recall/F1 for classifiers."""
+
+    def body():
+        from llmcli import evaluate
+        from llmcli.config import load_config
+
+        flags = {
+            "model.model_name_or_path": model, "data.validation_file": data, "data.dataset_name": dataset,
+            "data.dataset_config_name": dataset_config, "eval.split": split, "eval.max_length": max_length, "eval.stride": stride,
+            "data.text_column": text_column, "data.label_column": label_column, "eval.batch_size": batch_size,
+            "eval.add_bos": add_bos, "eval.per_document": per_document,
+        }
+        sets = list(set_ or [])
+        if data is not None:
+            sets += ["data.dataset_name=null", "data.train_file=null"]
+        if dataset is not None:
+            sets += ["data.train_file=null", "data.validation_file=null"]
+        sets += [f"eval.fail_under.{g}" for g in fail_under or []] + [f"eval.fail_over.{g}" for g in fail_over or []]
+        cfg = load_config(config, _overrides(sets, None, **flags), check_training=False)
+        evaluate.run(cfg, checkpoint=checkpoint, as_json=json_, output_path=output, errors_path=errors, device=device, dtype=dtype)
+
+    _invoke(body, quiet or json_, debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

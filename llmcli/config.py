@@ -1,0 +1,284 @@
+"""The one config schema, its loader and `--set` overrides.
+
+A run is one YAML file validated against `Config`, plus `--set dotted.key=value` overrides parsed
+as YAML scalars. Defaults live here only; files in `configs/` are deltas. Unknown keys are errors
+at every depth (with a "did you mean" hint), and `training:` keys are checked against
+`transformers.TrainingArguments` itself, so a typo never silently falls back to a default.
+
+Relative paths in a config (data files, output_dir) are relative to the current directory, as in
+the Transformers example scripts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmcli.errors import ConfigError
+
+Task = Literal["auto", "causal-lm", "masked-lm", "classification"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Section):
+    model_name_or_path: str | None = Field(None, description="Hub id, local model dir or llmcli run dir; absent = from scratch.")
+    model_type: str = Field("gpt2", description="AutoConfig model type used when training from scratch (gpt2, bert, llama, ...).")
+    config_overrides: dict[str, Any] = Field(default_factory=dict, description="Architecture fields for from-scratch models (n_layer, n_embd, ...).")
+    tokenizer_name: str | None = Field(None, description="Hub id or local dir of a tokenizer; absent = the model's, or one trained here.")
+    vocab_size: int = Field(8000, gt=0, description="Vocabulary size of a tokenizer trained here (from scratch, no tokenizer_name).")
+    pad_vocab_to_multiple_of: int = Field(64, ge=1, description="Round a from-scratch model's embedding rows up to this multiple (GPU-friendly shapes).")
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ... (None = the library's default).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless you trust the repo.")
+    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights when a checkpoint has no safetensors.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+
+
+class DataSection(_Section):
+    dataset_name: str | None = Field(None, description="Hub dataset id (e.g. wikitext, glue).")
+    dataset_config_name: str | None = Field(None, description="Hub dataset config (e.g. wikitext-103-raw-v1, sst2).")
+    train_file: str | list[str] | None = Field(None, description="Path, glob or list: .txt, .jsonl/.json, .csv/.tsv, .parquet.")
+    validation_file: str | list[str] | None = Field(None, description="Same forms as train_file; absent = hold out validation_split_percentage.")
+    validation_split_percentage: float = Field(5, ge=0, lt=100, description="Percent of training data held out when there is no validation file/split.")
+    train_split: str = Field("train", description="Split of a hub dataset to train on.")
+    validation_split: str | None = Field(None, description="Split of a hub dataset to validate on (default: validation, else held out).")
+    text_column: str | None = Field(None, description="Column holding the text (default: 'text', else 'sentence', else the only string column).")
+    text_pair_column: str | None = Field(None, description="Second text column for pair classification.")
+    label_column: str | None = Field(None, description="Label column for classification (default: 'label' if present).")
+    prompt_column: str | None = Field(None, description="Instruction data: prompt column (loss only on the completion).")
+    completion_column: str | None = Field(None, description="Instruction data: completion column.")
+    block_size: int | None = Field(None, gt=0, description="Tokens per LM training example (default: min(1024, the model's context)).")
+    max_seq_length: int = Field(128, gt=0, description="Truncation length for classification and prompt/completion examples.")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for masked-LM training and evaluation.")
+    keep_linebreaks: bool = Field(True, description="Keep newlines when reading .txt files (as run_clm.py).")
+    preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization (None = 1).")
+    max_train_samples: int | None = Field(None, gt=0, description="Truncate the training set (after tokenization/grouping) for quick runs.")
+    max_eval_samples: int | None = Field(None, gt=0, description="Truncate the evaluation set for quick runs.")
+    streaming: bool = Field(False, description="Stream the training data instead of tokenizing it all up front (needs max_steps).")
+    cache_dir: str | None = Field(None, description="Tokenized-data cache (default: $LLMCLI_CACHE or ~/.cache/llmcli).")
+
+
+class TrainingSection(BaseModel):
+    """`TrainingArguments` fields (checked against it) plus the few llmcli-only keys declared here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    output_dir: str | None = Field(None, description="The run directory.")
+    early_stopping_patience: int | None = Field(None, ge=1, description="llmcli: stop after this many evaluations without improvement.")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="llmcli: minimum improvement that resets the patience counter.")
+    nan_check: bool = Field(True, description="llmcli: stop with exit 1 on a NaN/inf loss, keeping the last good checkpoint.")
+    include_num_input_tokens_seen: str | bool = Field("non_padding", description="Count tokens for tokens/s (TrainingArguments field).")
+
+    LLMCLI_KEYS: ClassVar[frozenset] = frozenset({"early_stopping_patience", "early_stopping_threshold", "nan_check"})
+
+
+class PeftSection(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str | None = Field(None, description="Module names to adapt (None = peft's default for the architecture).")
+    merge: bool = Field(True, description="Also save a merged full model under merged/.")
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(64, gt=0, description="Tokens to generate per prompt.")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 means greedy.")
+    top_k: int | None = Field(50, ge=0, description="Sample from the k most likely tokens (0/None = off).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (None = off).")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalty > 1 discourages repeats.")
+    num_return_sequences: int = Field(1, ge=1, description="Completions per prompt.")
+    do_sample: bool | None = Field(None, description="None = sample when temperature > 0.")
+    stop: list[str] = Field(default_factory=list, description="Cut a completion at the first of these strings.")
+    seed: int | None = Field(None, description="Seed for reproducible sampling.")
+    batch_size: int = Field(64, ge=1, description="Prompts per batch.")
+
+
+class EvalSection(_Section):
+    split: str = Field("test", description="Hub dataset split to evaluate.")
+    max_length: int | None = Field(None, gt=1, description="Sliding-window length in tokens (default: the model's context).")
+    stride: int | None = Field(None, gt=0, description="Tokens scored per window (default: max_length).")
+    per_document: bool = Field(False, description="Score each document separately (lm-eval style) and aggregate.")
+    add_bos: bool = Field(False, description="Prepend the BOS token to the evaluation text.")
+    batch_size: int = Field(8, ge=1, description="Windows or examples per forward pass.")
+    fail_under: dict[str, float] = Field(default_factory=dict, description="Exit 3 when a metric is below this value.")
+    fail_over: dict[str, float] = Field(default_factory=dict, description="Exit 3 when a metric is above this value.")
+
+
+class LaunchSection(_Section):
+    num_processes: int = Field(1, ge=1, description="Processes to start through accelerate (one per GPU).")
+    config_file: str | None = Field(None, description="An accelerate config file (configs/accelerate/*.yaml).")
+
+
+class Config(_Section):
+    task: Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    peft: PeftSection | None = None
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @field_validator("peft", mode="before")
+    @classmethod
+    def _peft_true_means_defaults(cls, value):
+        return {} if value is True else (None if value is False else value)
+
+    def training_arguments(self) -> dict[str, Any]:
+        """The `training:` keys that go to `TrainingArguments` (llmcli-only keys removed)."""
+        raw = self.training.model_dump()
+        return {k: v for k, v in raw.items() if k not in TrainingSection.LLMCLI_KEYS}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), check_training: bool = True) -> Config:
+    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError (exit 2)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        keys, value = parse_override(item)
+        _set_dotted(raw, keys, value)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, raw)) from None
+    if check_training:
+        cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump()))
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {err.problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, training:, ...)")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], yaml-parsed value). `--set data.dataset_name=null` gives None."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value (e.g. --set training.max_steps=20)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not a YAML scalar: keep the literal string; the schema decides if that fits
+    return key.split("."), value
+
+
+def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _suggest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _format_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
+    # pydantic reports union members as extra loc parts (e.g. 'str', 'list[str]'); keep the config path only
+    path = []
+    model: Any = Config
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields and first["type"] != "extra_forbidden":
+            break
+        path.append(part)
+        if part in (fields or {}):
+            ann = fields[part].annotation
+            model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    key = ".".join(path) or ".".join(loc)
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        parent = ".".join(path[:-1])
+        owner = _section_model(parent)
+        hint = _suggest(path[-1], owner.model_fields) if owner else ""
+        where = f"in section '{parent}'" if parent else "at the top level"
+        return f"unknown config key '{key}' {where}{hint}{more}"
+    if first["type"] == "missing":
+        return f"config key '{key}' is required{more}"
+    return f"config key '{key}': {first['msg']}, got {first.get('input')!r}{more}"
+
+
+def _section_model(dotted: str):
+    model: Any = Config
+    for part in filter(None, dotted.split(".")):
+        ann = model.model_fields[part].annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def check_training_keys(training: dict[str, Any]) -> dict[str, Any]:
+    """Check every `training:` key against `TrainingArguments`' fields and declared types.
+
+    Returns the dict with values converted where YAML gave a string for a number
+    (PyYAML reads `5e-4` as a string).
+    """
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
+    out = dict(training)
+    for key, value in training.items():
+        if key in TrainingSection.LLMCLI_KEYS:
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown config key 'training.{key}': not a TrainingArguments field{_suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
+        if value is None:
+            continue
+        try:
+            converted = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError:
+            expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise ConfigError(f"config key 'training.{key}': expected {expected}, got {value!r}") from None
+        if isinstance(value, str) and not isinstance(converted, str):
+            out[key] = converted.value if hasattr(converted, "value") else converted
+    return out
+
+
+def dump_resolved(cfg: Config, path: Path, provenance: dict[str, Any] | None = None) -> None:
+    """Write the resolved config atomically as YAML; provenance goes in leading comments so the
+    file stays a valid `--config` for a later run."""
+    header = "".join(f"# {k}: {v}\n" for k, v in (provenance or {}).items())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

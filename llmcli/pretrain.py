@@ -1,0 +1,49 @@
+"""`llmcli pretrain`: a causal LM (GPT-2 style) or masked LM (BERT style), from scratch or not.
+
+    llmcli pretrain --config configs/shakespeare.yaml
+    llmcli pretrain --config configs/wikitext.yaml --set training.max_steps=100 --output-dir runs/wt
+
+From scratch (no `model.model_name_or_path`), the model is `model.model_type` with
+`model.config_overrides`, and without `model.tokenizer_name` a tokenizer is trained on the
+training text first. The text is tokenized, concatenated and cut into `data.block_size` blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmcli import console, data, modeling
+from llmcli.config import Config
+
+
+def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    from llmcli import training
+
+    training.output_dir_of(cfg)  # a missing output_dir is a config error before anything else
+    model_path = modeling.resolve_model_path(cfg.model.model_name_or_path) if cfg.model.model_name_or_path else None
+    model_type = modeling.load_pretrained_config(model_path, cfg.model).model_type if model_path else cfg.model.model_type
+    task = modeling.lm_task(cfg, model_type)
+    data.source_fingerprint(cfg.data)  # resolves data files now, so a missing one fails before anything else
+    if dry_run:
+        return training.dry_run(cfg, "pretrain", task, model_path)
+
+    with training.RunDir(cfg, resume, overwrite) as run_dir:
+        import transformers
+
+        seed = training.seed_of(cfg)
+        transformers.set_seed(seed)
+        masked = task == "masked-lm"
+        tokenizer = modeling.load_tokenizer(cfg, model_path, masked=masked)
+        model = modeling.build_model(cfg, task, tokenizer, model_path)
+        block_size = cfg.data.block_size or modeling.default_block_size(model.config, tokenizer)
+        modeling.check_block_size(model.config, block_size)
+        datasets = data.lm_datasets(cfg.data, tokenizer, block_size, masked=masked, seed=seed)
+        console.info(
+            f"{task} on {len(datasets['train']):,} blocks of {block_size} tokens"
+            + (f", validating on {len(datasets['validation']):,}" if "validation" in datasets else "")
+        )
+        if masked:
+            collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
+        else:
+            collator = transformers.default_data_collator
+        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task)

@@ -1,0 +1,350 @@
+"""The one training path shared by `pretrain` and `finetune` (imported only inside commands).
+
+`RunDir` locks the output dir and decides resume vs fresh start; `fit` builds TrainingArguments
+and the Trainer, trains (resuming from the newest complete checkpoint), evaluates, saves the final
+model + tokenizer at the run dir root and writes `summary.json`. Along the way it logs every event
+to `metrics.jsonl`, shows progress, stops cleanly on SIGINT/SIGTERM (checkpoint first) and stops
+with exit 1 on a NaN/inf loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
+from llmcli import console, runs
+from llmcli.config import Config, dump_resolved, load_config
+from llmcli.errors import ConfigError, Interrupted, TrainingFailed
+
+ARCHITECTURE_KEYS = ("model.model_type", "model.config_overrides", "model.model_name_or_path", "task")
+
+
+def seed_of(cfg: Config) -> int:
+    return int(cfg.training.model_dump().get("seed") or 42)
+
+
+def output_dir_of(cfg: Config) -> Path:
+    if not cfg.training.output_dir:
+        raise ConfigError("config key 'training.output_dir' is required (or pass --output-dir)")
+    return Path(cfg.training.output_dir)
+
+
+class RunDir:
+    """Lock the run dir (main process only), pick the checkpoint to resume from, save config.yaml."""
+
+    def __init__(self, cfg: Config, resume: bool = True, overwrite: bool = False):
+        self.cfg = cfg
+        self.path = output_dir_of(cfg)
+        self.resume, self.overwrite = resume, overwrite
+        self.lock = runs.RunLock(self.path)
+        self.checkpoint: Path | None = None
+
+    def __enter__(self) -> "RunDir":
+        if runs.is_main_process():
+            self.lock.acquire()
+        try:
+            self.checkpoint = runs.prepare_run_dir(self.path, self.resume, self.overwrite)
+            if self.checkpoint is not None:
+                _compare_with_previous(self.cfg, self.path / "config.yaml")
+                console.info(f"resuming from {self.checkpoint}")
+            if runs.is_main_process():
+                dump_resolved(self.cfg, self.path / "config.yaml", runs.provenance())
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _compare_with_previous(cfg: Config, previous_path: Path) -> None:
+    """On resume: refuse a changed architecture, warn about other changed keys."""
+    if not previous_path.exists():
+        return
+    try:
+        before = _flatten(load_config(previous_path, check_training=False).model_dump(mode="json"))
+    except Exception:
+        console.warn(f"could not read {previous_path} to compare configs")
+        return
+    now = _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    arch = [k for k in changed if k.startswith(ARCHITECTURE_KEYS)]
+    if arch:
+        k = arch[0]
+        raise ConfigError(
+            f"config key '{k}' changed since the checkpoint ({before.get(k)!r} -> {now.get(k)!r}); "
+            "resuming needs the same model; use --overwrite --no-resume or another --output-dir"
+        )
+    for k in changed:
+        if k != "training.output_dir":
+            console.warn(f"config key '{k}' changed since the last run: {before.get(k)!r} -> {now.get(k)!r}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith("config_overrides"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def training_arguments(cfg: Config, has_eval: bool, **forced):
+    """TrainingArguments from `training:`, with llmcli's console in place of tqdm, and mixed
+    precision dropped (with a warning) when there is no GPU to run it on."""
+
+    kwargs = cfg.training_arguments()
+    kwargs.update(forced)
+    kwargs["disable_tqdm"] = True
+    if not torch.cuda.is_available():
+        for flag in ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval"):
+            if kwargs.get(flag):
+                console.warn(f"training.{flag}=true needs a CUDA GPU; none found, so training runs in fp32")
+                kwargs[flag] = False
+    strategy = str(kwargs.get("eval_strategy", "no"))
+    if strategy not in ("no", "IntervalStrategy.NO") and not has_eval:
+        raise ConfigError(f"training.eval_strategy={strategy} but there is no validation data (set data.validation_file or data.validation_split_percentage > 0)")
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"training: {err}") from None
+
+
+def fit(
+    run: RunDir,
+    cfg: Config,
+    model,
+    tokenizer,
+    datasets,
+    collator,
+    task: str,
+    compute_metrics: Callable | None = None,
+    extra_callbacks: tuple = (),
+) -> dict[str, Any]:
+    """Train, evaluate, save and summarise. Returns the summary dict (also in summary.json)."""
+
+    eval_ds = datasets.get("validation") if hasattr(datasets, "get") else None
+    args = training_arguments(cfg, has_eval=eval_ds is not None)
+    guard = GracefulStop()
+    callbacks = [MetricsLog(run.path, task), ConsoleProgress(), guard, *extra_callbacks]
+    if cfg.training.early_stopping_patience:
+        if not args.load_best_model_at_end:
+            raise ConfigError("training.early_stopping_patience needs training.load_best_model_at_end=true (and matching eval/save strategies)")
+        callbacks.append(EarlyStoppingCallback(cfg.training.early_stopping_patience, cfg.training.early_stopping_threshold))
+    trainer = LlmcliTrainer(
+        model=model, args=args, train_dataset=datasets["train"], eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
+    )
+    trainer.nan_check = cfg.training.nan_check
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+    resumed_from = runs.resume_step(run.checkpoint)
+    with guard.installed():
+        result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    if guard.signum is not None:
+        raise Interrupted(
+            guard.signum,
+            f"stopped by {signal.Signals(guard.signum).name} at step {trainer.state.global_step}; checkpoint saved in "
+            f"{run.path}; run the same command again to resume",
+        )
+
+    metrics: dict[str, Any] = {}
+    if eval_ds is not None:
+        metrics = trainer.evaluate()
+    trainer.save_model(str(run.path))
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+
+    state = trainer.state
+    train_metrics = result.metrics
+    runtime = float(train_metrics.get("train_runtime", 0.0))
+    session_tokens = state.num_input_tokens_seen - (getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    summary: dict[str, Any] = {
+        "task": task,
+        "train_loss": train_metrics.get("train_loss"),
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        "train_tokens": state.num_input_tokens_seen,
+        "train_tokens_per_second": (session_tokens / runtime) if runtime > 0 else None,
+        "train_samples_per_second": train_metrics.get("train_samples_per_second"),
+        "train_runtime_s": runtime,
+        "resumed_from": resumed_from,
+    }
+    for key, value in metrics.items():
+        summary[key] = value
+    if "eval_loss" in metrics and task in ("causal-lm", "masked-lm"):
+        summary["perplexity"] = _safe_exp(metrics["eval_loss"])
+    if state.best_model_checkpoint:
+        summary["best_model_checkpoint"] = state.best_model_checkpoint
+    if trainer.is_world_process_zero():
+        runs.write_json_atomic(run.path / "summary.json", summary)
+    return summary
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+class LlmcliTrainer(Trainer):
+    """Trainer with a per-step NaN/inf check (Trainer's own logging_nan_inf_filter hides them)."""
+
+    nan_check = True
+    _inject_nan_at = int(os.environ.get("LLMCLI_TEST_NAN_AT_STEP", "0"))  # test hook
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._inject_nan_at and self.state.global_step + 1 >= self._inject_nan_at:
+            loss = loss * float("nan")
+        if self.nan_check and not torch.isfinite(loss).all():
+            last = runs.latest_checkpoint(Path(self.args.output_dir), warn=False)
+            raise TrainingFailed(
+                f"loss became {loss.item()} at step {self.state.global_step + 1}; stopped without saving "
+                f"(last good checkpoint: {last or 'none'}); lower the learning rate or check the data "
+                "(training.nan_check=false disables this check)"
+            )
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class MetricsLog(TrainerCallback):
+    """Append every log/eval event to metrics.jsonl (main process only)."""
+
+    def __init__(self, run_dir: Path, task: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.task = task
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        if "eval_loss" in logs and self.task in ("causal-lm", "masked-lm"):
+            record["eval_perplexity"] = _safe_exp(logs["eval_loss"])
+        runs.append_jsonl(self.path, record)
+
+class ConsoleProgress(TrainerCallback):
+    """Rich progress on a TTY (step, loss, lr, tokens/s, ETA); one plain line per log event otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.status = ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.bar = console.progress("train", total=state.max_steps).__enter__()
+        self.bar.update(completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(completed=state.global_step, status=self.status)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        for key, label in (("loss", "loss"), ("learning_rate", "lr"), ("train_tokens_per_second", "tok/s"),
+                           ("eval_loss", "eval_loss"), ("eval_accuracy", "eval_acc"), ("eval_f1", "eval_f1")):
+            if key in logs and isinstance(logs[key], (int, float)):
+                parts.append(f"{label} {console.format_value(float(logs[key]))}")
+        if "eval_loss" in logs:
+            parts.append(f"eval_ppl {console.format_value(_safe_exp(logs['eval_loss']))}")
+        line = "  ".join(parts)
+        if self.bar is not None and self.bar.enabled:
+            self.status = "  ".join(parts[1:])
+        elif len(parts) > 1 and "train_loss" not in logs:
+            console.info(line)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+class GracefulStop(TrainerCallback):
+    """First SIGINT/SIGTERM: finish the step, save a checkpoint, stop. Second SIGINT: exit now.
+
+    Built on the Trainer's own control flow (should_save + should_training_stop), so the
+    checkpoint is the normal, complete kind that resume expects.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+            try:
+                yield
+            finally:
+                for sig, handler in self._previous.items():
+                    signal.signal(sig, handler)
+
+        return ctx()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                console.error("second interrupt: exiting now (the last complete checkpoint is kept)")
+                os._exit(130)
+            return
+        self.signum = signum
+        console.warn(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+
+def dry_run(cfg: Config, command: str, task: str, model_path: str | None) -> dict[str, Any]:
+    """Print the resolved config (stdout) and what would run (stderr); train nothing."""
+    import yaml
+
+    from llmcli import data
+
+    out = output_dir_of(cfg)
+    training_arguments(cfg, has_eval=True)  # surfaces TrainingArguments' own consistency errors
+    ckpt = runs.latest_checkpoint(out, warn=False) if out.is_dir() else None
+    source = data.source_fingerprint(cfg.data)
+    files = {k: [f[0] for f in v] for k, v in source.items() if k != "hub"} or {"hub": source.get("hub")}
+    plan = {
+        "command": command,
+        "task": task,
+        "model": model_path or f"{cfg.model.model_type} from scratch {cfg.model.config_overrides or ''}".strip(),
+        "tokenizer": cfg.model.tokenizer_name or model_path or f"train one (vocab_size={cfg.model.vocab_size})",
+        **{k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in files.items()},
+        "output_dir": str(out),
+        "would resume from": str(ckpt) if ckpt else "nothing (fresh start)",
+    }
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    console.table("dry run: nothing was trained", list(plan.items()), to_stderr=True)
+    return {"dry_run": True, **plan}

@@ -1,0 +1,84 @@
+"""Shared fixtures: an offline environment, the CLI runner and tiny model settings.
+
+Every test runs on CPU, offline, on files under tests/fixtures and models built from a config.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# A 2-layer, 64-wide GPT-2 trained from scratch with a 300-token BPE: seconds on a CPU.
+TINY_GPT2 = [
+    "task=causal-lm", "model.model_type=gpt2", "model.config_overrides.n_layer=2", "model.config_overrides.n_embd=64",
+    "model.config_overrides.n_head=2", "model.config_overrides.n_positions=128", "model.vocab_size=300",
+    "data.block_size=32", "training.per_device_train_batch_size=8", "training.per_device_eval_batch_size=16",
+    "training.learning_rate=3e-3", "training.logging_steps=5", "training.seed=0", "training.save_steps=1000",
+]
+TINY_BERT = [
+    "model.model_type=bert", "model.config_overrides.hidden_size=64", "model.config_overrides.num_hidden_layers=2",
+    "model.config_overrides.num_attention_heads=2", "model.config_overrides.intermediate_size=128",
+    "model.config_overrides.max_position_embeddings=128", "model.vocab_size=400", "data.block_size=32",
+    "training.per_device_train_batch_size=8", "training.learning_rate=3e-3", "training.logging_steps=5", "training.seed=0",
+]
+
+
+def sets(*items):
+    """['a=1', ...] -> ['--set', 'a=1', ...]"""
+    out = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("llmcli-cache")
+    os.environ["LLMCLI_CACHE"] = str(cache)
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "hf-datasets")
+    yield cache
+
+
+@pytest.fixture
+def cli():
+    """Invoke the real Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input=None, expect=0):
+        result = runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+        if expect is not None:
+            assert result.exit_code == expect, f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        return result
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def gpt2_run(tmp_path_factory):
+    """A tiny GPT-2 pretrained once for the session (used by generate/eval/finetune tests)."""
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    out = tmp_path_factory.mktemp("runs") / "gpt2"
+    args = ["pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=40"), "-o", str(out)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
