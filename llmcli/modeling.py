@@ -331,3 +331,101 @@ def _count(model) -> int:
 def require_data_for_scratch_tokenizer(cfg: Config) -> None:
     if cfg.model.model_name_or_path is None and cfg.model.tokenizer_name is None and not (cfg.data.train_file or cfg.data.dataset_name):
         raise DataError("training a tokenizer needs training text: set data.train_file or data.dataset_name")
+
+
+# --------------------------------------------------------------------------------------------
+# Inference (generate, eval)
+
+
+def pick_device(device: str | None, dtype: str | None):
+    """(torch.device, torch.dtype): CUDA bf16 (fp16 without bf16) > MPS fp16 > CPU fp32, unless forced."""
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device '{device}' (cuda, cuda:N, mps, cpu)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is available")
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype is not None:
+        if dtype not in names:
+            raise ConfigError(f"--dtype: unknown dtype '{dtype}' (bfloat16, float16, float32)")
+        return dev, names[dtype]
+    if dev.type == "cuda":
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "mps":
+        return dev, torch.float16
+    return dev, torch.float32
+
+
+def model_kind(config) -> str:
+    """'classifier', 'masked-lm' or 'causal-lm', from the saved architecture."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classifier"
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked-lm"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    return "masked-lm" if is_masked_lm_type(config.model_type) else "causal-lm"
+
+
+def load_for_inference(path: str, m: ModelSection, device: str | None = None, dtype: str | None = None):
+    """(model in eval mode on its device, tokenizer, kind) for a model dir, run dir or hub id.
+
+    A LoRA run dir loads its merged/ model when there is one, else base model + adapter.
+    """
+    local = Path(path)
+    adapter_only = local.is_dir() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+    if adapter_only and (local / "merged" / "config.json").exists():
+        path, local, adapter_only = str(local / "merged"), local / "merged", False
+    dev, torch_dtype = pick_device(device, dtype)
+    if adapter_only:
+        model, tokenizer, kind = _load_adapter(local, m, torch_dtype)
+    else:
+        check_weights(path, m.allow_pickle)
+        config = load_pretrained_config(path, m)
+        kind = model_kind(config)
+        tokenizer = load_tokenizer_for(path, m)
+        kwargs: dict[str, Any] = {"trust_remote_code": m.trust_remote_code, "revision": m.revision, "dtype": torch_dtype}
+        if not m.allow_pickle:
+            kwargs["use_safetensors"] = True
+        if m.attn_implementation:
+            kwargs["attn_implementation"] = m.attn_implementation
+        head = _auto_class("classification" if kind == "classifier" else kind)
+        try:
+            model = head.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"could not load model '{path}': {_first_line(err)}") from None
+        check_vocab(model, tokenizer)
+    model.to(dev)
+    model.eval()
+    return model, tokenizer, kind
+
+
+def load_tokenizer_for(path: str, m: ModelSection):
+    tok = _load_tokenizer(m.tokenizer_name or path, m)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_adapter(local: Path, m: ModelSection, torch_dtype):
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"{local} holds a LoRA adapter; install peft (pip install 'llmcli[peft]') or use its merged/ model") from None
+    adapter = json.loads((local / "adapter_config.json").read_text())
+    kind = "classifier" if adapter.get("task_type") == "SEQ_CLS" else "causal-lm"
+    cls = peft.AutoPeftModelForSequenceClassification if kind == "classifier" else peft.AutoPeftModelForCausalLM
+    model = cls.from_pretrained(str(local), dtype=torch_dtype)
+    return model, load_tokenizer_for(str(local), m), kind

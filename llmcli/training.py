@@ -133,14 +133,19 @@ def fit(
     collator,
     task: str,
     compute_metrics: Callable | None = None,
-    extra_callbacks: tuple = (),
+    preprocess_logits: Callable | None = None,
+    after_train: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate, save and summarise. Returns the summary dict (also in summary.json)."""
+    """Train, evaluate, save and summarise. Returns the summary dict (also in summary.json).
+
+    `after_train(trainer)` runs after the final model is saved and returns extra summary entries
+    (finetune's per-class report, LoRA's merged model).
+    """
 
     eval_ds = datasets.get("validation") if hasattr(datasets, "get") else None
     args = training_arguments(cfg, has_eval=eval_ds is not None)
     guard = GracefulStop()
-    callbacks = [MetricsLog(run.path, task), ConsoleProgress(), guard, *extra_callbacks]
+    callbacks = [MetricsLog(run.path, task), ConsoleProgress(task), guard]
     if cfg.training.early_stopping_patience:
         if not args.load_best_model_at_end:
             raise ConfigError("training.early_stopping_patience needs training.load_best_model_at_end=true (and matching eval/save strategies)")
@@ -148,6 +153,7 @@ def fit(
     trainer = LlmcliTrainer(
         model=model, args=args, train_dataset=datasets["train"], eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=callbacks,
+        preprocess_logits_for_metrics=preprocess_logits,
     )
     trainer.nan_check = cfg.training.nan_check
     for cb in (PrinterCallback, ProgressCallback):
@@ -165,7 +171,12 @@ def fit(
 
     metrics: dict[str, Any] = {}
     if eval_ds is not None:
-        metrics = trainer.evaluate()
+        # reuse an evaluation the schedule already ran at this very step (best model not reloaded)
+        last = trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {}
+        if "eval_loss" in last and last.get("step") == trainer.state.global_step and not args.load_best_model_at_end:
+            metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        else:
+            metrics = trainer.evaluate()
     trainer.save_model(str(run.path))
     if trainer.is_world_process_zero():
         trainer.save_state()
@@ -189,6 +200,8 @@ def fit(
         summary[key] = value
     if "eval_loss" in metrics and task in ("causal-lm", "masked-lm"):
         summary["perplexity"] = _safe_exp(metrics["eval_loss"])
+    if after_train is not None:
+        summary.update(after_train(trainer))
     if state.best_model_checkpoint:
         summary["best_model_checkpoint"] = state.best_model_checkpoint
     if trainer.is_world_process_zero():
@@ -245,9 +258,10 @@ class MetricsLog(TrainerCallback):
 class ConsoleProgress(TrainerCallback):
     """Rich progress on a TTY (step, loss, lr, tokens/s, ETA); one plain line per log event otherwise."""
 
-    def __init__(self):
+    def __init__(self, task: str):
         self.bar = None
         self.status = ""
+        self.is_lm = task in ("causal-lm", "masked-lm")
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -267,7 +281,7 @@ class ConsoleProgress(TrainerCallback):
                            ("eval_loss", "eval_loss"), ("eval_accuracy", "eval_acc"), ("eval_f1", "eval_f1")):
             if key in logs and isinstance(logs[key], (int, float)):
                 parts.append(f"{label} {console.format_value(float(logs[key]))}")
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.is_lm:
             parts.append(f"eval_ppl {console.format_value(_safe_exp(logs['eval_loss']))}")
         line = "  ".join(parts)
         if self.bar is not None and self.bar.enabled:

@@ -1,0 +1,323 @@
+"""`llmcli generate`: completions from a causal LM, or labels from a classifier, as a Unix filter.
+
+    llmcli generate --model runs/shakespeare --prompt "ROMEO:" --max-new-tokens 80
+    cat prompts.txt | llmcli generate --model runs/shakespeare --temperature 0 > completions.txt
+    llmcli generate --model runs/shakespeare --input prompts.jsonl --input-format jsonl --format jsonl
+    cat reviews.txt | llmcli generate --model runs/sst2 --format jsonl       # classifier: labels
+
+Output line N answers input prompt N. Prompts are batched (left-padded, sorted by length inside a
+window to cut padding, KV cache on) and each window's results are written as soon as it finishes.
+Data goes to stdout (or --output); diagnostics to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, TextIO
+
+from llmcli import console, modeling
+from llmcli.config import Config, GenerationSection
+from llmcli.errors import ConfigError, DataError
+
+WINDOW_BATCHES = 4  # sort by length within this many batches: less padding, output still streams
+
+
+@dataclass
+class Prompt:
+    text: str
+    extra: dict[str, Any] = field(default_factory=dict)  # JSONL fields passed through untouched
+
+
+def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = None, input_format: str = "text",
+        output_format: str = "text", output_path: str | None = None, checkpoint: str | None = None,
+        device: str | None = None, dtype: str | None = None) -> int:
+    """Generate (or classify) every prompt; returns the number of prompts answered."""
+    if not cfg.model.model_name_or_path:
+        raise ConfigError("generate needs a model: pass --model (hub id, model dir or llmcli run dir)")
+    path = modeling.resolve_model_path(cfg.model.model_name_or_path, checkpoint)
+    items = read_prompts(prompts, input_path, input_format)
+    if not items:
+        console.warn("no prompts (the input held only blank lines)")
+        return 0
+    model, tokenizer, kind = modeling.load_for_inference(path, cfg.model, device, dtype)
+    if kind == "masked-lm":
+        raise ConfigError(f"{path} is a masked LM; generate needs a causal LM (text) or a classifier (labels)")
+    g = cfg.generation
+    _check_generation(g)
+
+    out: TextIO = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
+    try:
+        if kind == "causal-lm" and _should_stream(items, output_path, output_format, g):
+            _stream_one(model, tokenizer, items[0].text, g)
+        else:
+            step = _classify_batch if kind == "classifier" else _generate_batch
+            _run_batches(model, tokenizer, items, g, step, out, output_format, kind)
+    except BrokenPipeError:
+        # `| head -1` closed the pipe: stop quietly (exit 0), and keep Python from complaining at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return len(items)
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+
+
+def read_prompts(prompts: list[str] | None, input_path: str | None, input_format: str) -> list[Prompt]:
+    """Prompts from --prompt, --input FILE ('-' = stdin), or stdin when it is piped."""
+    items = [Prompt(_unescape(p)) for p in prompts or []]
+    if input_path is None and not items and not sys.stdin.isatty():
+        input_path = "-"
+    if input_path is not None:
+        if input_path == "-":
+            items += _parse_lines(sys.stdin.buffer, "<stdin>", input_format)
+        else:
+            if not os.path.isfile(input_path):
+                raise DataError(f"--input: file not found: {input_path}")
+            with open(input_path, "rb") as fh:
+                items += _parse_lines(fh, input_path, input_format)
+    if not items and input_path is None:
+        raise ConfigError("no prompts: pass --prompt TEXT, --input FILE, or pipe prompts on stdin")
+    return items
+
+
+def _parse_lines(stream, name: str, input_format: str) -> list[Prompt]:
+    items = []
+    for line_no, raw in enumerate(stream, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{name}:{line_no}: not valid UTF-8 ({err.reason})") from None
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if input_format == "jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{name}:{line_no}: malformed JSON line ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise DataError(f"{name}:{line_no}: expected a JSON object with a string 'prompt' field")
+            text = obj.pop("prompt")
+            items.append(Prompt(text, obj))
+        else:
+            items.append(Prompt(_unescape(line)))
+    return items
+
+
+def _unescape(text: str) -> str:
+    r"""`\n`, `\t` and `\\` escapes, so one line can hold a multi-line prompt."""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+def _check_generation(g: GenerationSection) -> None:
+    if g.do_sample and g.temperature == 0:
+        raise ConfigError("generation.temperature=0 means greedy decoding; it cannot be combined with do_sample=true")
+
+
+def _sampling(g: GenerationSection) -> bool:
+    return g.do_sample if g.do_sample is not None else g.temperature > 0
+
+
+def _run_batches(model, tokenizer, items: list[Prompt], g: GenerationSection, step, out: TextIO, fmt: str, kind: str) -> None:
+    import torch
+
+    if g.seed is not None:
+        torch.manual_seed(g.seed)
+    limit = _prompt_limit(model, g, kind)
+    encoded = [tokenizer(p.text)["input_ids"] for p in items]
+    cut = sum(1 for ids in encoded if len(ids) > limit)
+    if cut:
+        console.warn(f"{cut} prompt(s) longer than {limit} tokens (the model's context less max_new_tokens) were cut from the left")
+    encoded = [ids[-limit:] if kind == "causal-lm" else ids[:limit] for ids in encoded]
+    window = g.batch_size * WINDOW_BATCHES
+    with console.progress("generate", total=len(items)) as bar:
+        for start in range(0, len(items), window):
+            idx = list(range(start, min(start + window, len(items))))
+            idx.sort(key=lambda i: len(encoded[i]))
+            results: dict[int, dict[str, Any]] = {}
+            for b in range(0, len(idx), g.batch_size):
+                batch = idx[b : b + g.batch_size]
+                for i, res in zip(batch, step(model, tokenizer, [encoded[i] for i in batch], g)):
+                    results[i] = res
+                bar.advance(len(batch))
+            for i in range(start, start + len(idx)):
+                out.write(_format(items[i], results[i], fmt, kind) + "\n")
+            out.flush()
+
+
+def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
+    context = modeling.context_length(model.config) or 1024
+    if kind == "classifier":
+        return context
+    if g.max_new_tokens >= context:
+        raise ConfigError(f"generation.max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the model's {context}-token context")
+    return context - g.max_new_tokens
+
+
+def _pad_left(tokenizer, batch: list[list[int]], device):
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    return input_ids, mask
+
+
+def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
+    import torch
+
+    input_ids, mask = _pad_left(tokenizer, batch, model.device)
+    kwargs = _generate_kwargs(tokenizer, g, num_return_sequences=g.num_return_sequences)
+    with torch.inference_mode():
+        output = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    new_tokens = output[:, input_ids.shape[1] :].tolist()
+    eos = {t for t in _as_list(getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id)}
+    results = []
+    n = g.num_return_sequences
+    for i, prompt_ids in enumerate(batch):
+        completions, counts, reasons = [], [], []
+        for seq in new_tokens[i * n : (i + 1) * n]:
+            text, count, reason = _finish(tokenizer, seq, eos, g)
+            completions.append(text)
+            counts.append(count)
+            reasons.append(reason)
+        results.append({"completion": completions, "completion_tokens": counts, "finish_reason": reasons, "prompt_tokens": len(prompt_ids)})
+    return results
+
+
+def _generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **extra)
+    if _sampling(g):
+        kwargs.update(do_sample=True, temperature=g.temperature or 1.0, top_k=g.top_k or 0, top_p=g.top_p or 1.0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if g.repetition_penalty:
+        kwargs["repetition_penalty"] = g.repetition_penalty
+    if g.stop:
+        kwargs.update(stop_strings=g.stop, tokenizer=tokenizer)
+    return kwargs
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+
+
+def _finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> tuple[str, int, str]:
+    """Cut at EOS or the first stop string; (text, tokens generated, finish_reason)."""
+    reason = "length"
+    for pos, tok in enumerate(seq):
+        if tok in eos:
+            seq, reason = seq[:pos], "stop"
+            break
+    text = tokenizer.decode(seq, skip_special_tokens=True)
+    cuts = [text.find(s) for s in g.stop if s and s in text]
+    if cuts:
+        text, reason = text[: min(cuts)], "stop"
+        return text, len(tokenizer(text, add_special_tokens=False)["input_ids"]), reason
+    return text, len(seq), reason
+
+
+def _classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
+    import torch
+
+    input_ids, mask = _pad_left(tokenizer, batch, model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    probs = torch.softmax(logits, dim=-1).tolist()
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    results = []
+    for ids, row in zip(batch, probs):
+        best = max(range(len(row)), key=row.__getitem__)
+        results.append({"label": id2label.get(best, str(best)), "score": row[best],
+                        "scores": {id2label.get(j, str(j)): p for j, p in enumerate(row)}, "prompt_tokens": len(ids)})
+    return results
+
+
+def _format(item: Prompt, res: dict[str, Any], fmt: str, kind: str) -> str:
+    if kind == "classifier":
+        if fmt == "text":
+            return f"{res['label']}\t{res['score']:.4f}"
+        return json.dumps({**item.extra, "prompt": item.text, **res}, ensure_ascii=False)
+    single = len(res["completion"]) == 1
+    if fmt == "text":
+        return "\t".join(_escape(c) for c in res["completion"])
+    record = {**item.extra, "prompt": item.text}
+    for key in ("completion", "prompt_tokens", "completion_tokens", "finish_reason"):
+        value = res[key]
+        record[key] = value[0] if single and isinstance(value, list) else value
+    return json.dumps(record, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming one prompt to a terminal
+
+
+def _should_stream(items: list[Prompt], output_path, fmt: str, g: GenerationSection) -> bool:
+    return len(items) == 1 and output_path is None and fmt == "text" and g.num_return_sequences == 1 and sys.stdout.isatty()
+
+
+def _stream_one(model, tokenizer, prompt: str, g: GenerationSection) -> None:
+    """Print the completion token by token, holding back text that could start a stop string."""
+    import torch
+    from transformers import TextStreamer
+
+    hold = max((len(s) for s in g.stop), default=1) - 1
+
+    class StopAwareStreamer(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.buffer, self.stopped = "", False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if self.stopped:
+                return
+            self.buffer += text
+            cuts = [self.buffer.find(s) for s in g.stop if s in self.buffer]
+            if cuts:
+                sys.stdout.write(self.buffer[: min(cuts)])
+                self.buffer, self.stopped = "", True
+            elif stream_end or len(self.buffer) > hold:
+                keep = 0 if stream_end else hold
+                sys.stdout.write(self.buffer[: len(self.buffer) - keep])
+                self.buffer = self.buffer[len(self.buffer) - keep :]
+            sys.stdout.flush()
+
+    if g.seed is not None:
+        torch.manual_seed(g.seed)
+    limit = _prompt_limit(model, g, "causal-lm")
+    ids = tokenizer(prompt)["input_ids"]
+    if len(ids) > limit:
+        console.warn(f"1 prompt(s) longer than {limit} tokens were cut from the left")
+    input_ids, mask = _pad_left(tokenizer, [ids[-limit:]], model.device)
+    kwargs = _generate_kwargs(tokenizer, g, streamer=StopAwareStreamer())
+    with torch.inference_mode():
+        model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
