@@ -82,3 +82,39 @@ def gpt2_run(tmp_path_factory):
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def bert_run(tmp_path_factory):
+    """A tiny BERT pretrained (masked LM) once for the session: the base for classifier tests."""
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    out = tmp_path_factory.mktemp("runs") / "bert"
+    args = ["pretrain", *sets(*TINY_BERT, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=10"), "-o", str(out)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def classifier_run(tmp_path_factory, bert_run):
+    """A tiny BERT sentiment classifier with string labels (negative/positive)."""
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    out = tmp_path_factory.mktemp("runs") / "clf"
+    args = ["finetune", "--model", str(bert_run), *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
+            f"data.validation_file={FIXTURES / 'sentiment_dev.jsonl'}", "data.label_column=sentiment"), "-o", str(out)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+CLASSIFIER = [
+    "training.max_steps=60", "training.learning_rate=2e-3", "training.per_device_train_batch_size=16",
+    "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=30", "training.save_steps=30",
+    "training.seed=0", "data.max_seq_length=32",
+]

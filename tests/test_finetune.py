@@ -1,0 +1,114 @@
+"""`llmcli finetune`: classifiers (BERT and GPT-2, int and string labels, TSV and JSONL), causal-LM
+and prompt/completion fine-tuning, LoRA, and bad label columns."""
+
+import json
+
+from conftest import CLASSIFIER, FIXTURES, read_jsonl, sets
+
+TSV_TRAIN, TSV_DEV = FIXTURES / "sentiment_train.tsv", FIXTURES / "sentiment_dev.tsv"
+
+
+def test_bert_classifier_with_string_labels(classifier_run):
+    from transformers import AutoModelForSequenceClassification
+
+    summary = json.loads((classifier_run / "summary.json").read_text())
+    assert summary["task"] == "classification"
+    assert summary["eval_accuracy"] >= 0.8, summary
+    for key in ("eval_precision", "eval_recall", "eval_f1"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert set(summary["eval_per_class"]) == {"negative", "positive"}
+    assert sum(c["support"] for c in summary["eval_per_class"].values()) == 40
+    cm = json.loads((classifier_run / "confusion_matrix.json").read_text())
+    assert cm["labels"] == ["negative", "positive"] and sum(map(sum, cm["matrix"])) == 40
+    # accuracy in the summary is the confusion matrix's diagonal share
+    assert abs(summary["eval_accuracy"] - (cm["matrix"][0][0] + cm["matrix"][1][1]) / 40) < 1e-9
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_run)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    events = read_jsonl(classifier_run / "metrics.jsonl")
+    assert [e["step"] for e in events if "eval_accuracy" in e][:2] == [30, 60]
+
+
+def test_gpt2_classifier_with_int_labels_from_tsv(cli, gpt2_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "gpt2-clf"
+    cli("finetune", "--model", gpt2_run, *sets(*CLASSIFIER, f"data.train_file={TSV_TRAIN}", f"data.validation_file={TSV_DEV}"), "-o", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "classification" and summary["global_step"] == 60
+    assert summary["eval_accuracy"] >= 0.7, summary
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.pad_token_id is not None and model.config.id2label == {0: "0", 1: "1"}
+
+
+def test_early_stopping_and_best_model(cli, bert_run, tmp_path):
+    out = tmp_path / "es"
+    cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={TSV_TRAIN}", f"data.validation_file={TSV_DEV}",
+        "training.max_steps=200", "training.eval_steps=10", "training.save_steps=10", "training.load_best_model_at_end=true",
+        "training.metric_for_best_model=accuracy", "training.early_stopping_patience=2", "training.early_stopping_threshold=0.5"), "-o", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 30  # best at 10, no 0.5 improvement at 20 and 30: stop
+    assert summary["best_model_checkpoint"].endswith("checkpoint-10")
+
+
+def test_unseen_validation_label_is_a_data_error(cli, bert_run, tmp_path):
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text(json.dumps({"text": "fine", "sentiment": "neutral"}) + "\n")
+    result = cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
+                 f"data.validation_file={dev}", "data.label_column=sentiment"), "-o", tmp_path / "x", expect=4)
+    assert "'neutral'" in result.stderr and "never occurs in training" in result.stderr
+
+
+def test_missing_label_column_lists_columns(cli, bert_run, tmp_path):
+    result = cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={TSV_TRAIN}", "data.label_column=stars"),
+                 "-o", tmp_path / "x", expect=4)
+    assert "column 'stars' not found" in result.stderr and "sentence, label" in result.stderr
+
+
+def test_causal_lm_finetune_from_run_dir(cli, gpt2_run, tmp_path):
+    out = tmp_path / "more"
+    text = tmp_path / "more.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 60)
+    cli("finetune", "--model", gpt2_run, *sets(f"data.train_file={text}", "data.block_size=32", "training.max_steps=15",
+        "training.learning_rate=3e-3", "training.logging_steps=5"), "-o", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "causal-lm"
+    losses = [e["loss"] for e in read_jsonl(out / "metrics.jsonl") if "loss" in e]
+    assert losses[-1] < losses[0] - 0.4  # a repeated line is learned fast
+
+
+def test_prompt_completion_loss_on_completion_only(cli, gpt2_run, tmp_path):
+    from datasets import load_from_disk  # noqa: F401  (the cache format)
+
+    out = tmp_path / "instruct"
+    result = cli("finetune", "--model", gpt2_run, *sets(f"data.train_file={FIXTURES / 'instruct.jsonl'}", "training.max_steps=10",
+                 "training.learning_rate=3e-3", "data.max_seq_length=48"), "-o", out)
+    assert "loss on completions only" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "causal-lm" and summary["global_step"] == 10
+
+    # the tokenized examples mask the prompt tokens out of the labels
+    from llmcli import data, modeling
+    from llmcli.config import load_config
+
+    cfg = load_config(None, [f"data.train_file={FIXTURES / 'instruct.jsonl'}", "data.max_seq_length=48"], check_training=False)
+    tok = modeling.load_tokenizer(cfg, str(gpt2_run))
+    ds = data.instruction_datasets(cfg.data, tok)["train"]
+    row = ds[0]
+    n_prompt = sum(1 for x in row["labels"] if x == -100)
+    assert n_prompt > 0 and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == tok.eos_token_id
+
+
+def test_lora_saves_adapter_and_merged_model(cli, bert_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "lora"
+    result = cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={TSV_TRAIN}", f"data.validation_file={TSV_DEV}",
+                 "peft.r=4", "peft.alpha=8", "training.learning_rate=5e-3"), "-o", out)
+    assert "LoRA r=4" in result.stderr
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
+    assert merged.config.num_labels == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["merged_model"].endswith("merged") and summary["eval_accuracy"] > 0.5
