@@ -440,28 +440,53 @@ def classification_datasets(data: DataSection, tokenizer, label_names: list[str]
 
         out = DatasetDict()
         for split, ds in raw.items():
-            if splits and split not in splits:
-                continue
-            text_col = pick_column(ds, data.text_column, "text_column", ("sentence", "text", "sentence1", "content"))
-            pair_col = pick_column(ds, data.text_pair_column, "text_pair_column") if data.text_pair_column else None
-            label_col = pick_column(ds, data.label_column, "label_column", ("label", "labels"))
-            names = getattr(ds.features[label_col], "names", None)
-            _check_labels(ds[label_col], label2id, names, split, label_col)
-
-            def tokenize(batch, text_col=text_col, pair_col=pair_col, label_col=label_col, names=names):
-                texts = [t or "" for t in batch[text_col]]
-                pairs = [t or "" for t in batch[pair_col]] if pair_col else None
-                enc = tokenizer(texts, pairs, truncation=True, max_length=data.max_seq_length)
-                enc["labels"] = [label2id[_label_key(v, names)] for v in batch[label_col]]
-                return enc
-
-            out[split] = ds.map(tokenize, batched=True, num_proc=_num_proc(data), remove_columns=ds.column_names, desc=f"tokenize {split}")
+            if not splits or split in splits:
+                out[split] = tokenize_classification(ds, tokenizer, label2id, data, split)
         return out
 
     return _truncate(cached(parts, data, build, "classification data"), data)
 
 
-def _label_key(value, names) -> str:
+def classification_columns(ds, data: DataSection) -> tuple[str, str | None, str]:
+    """(text, text pair or None, label) column names, checked against the data."""
+    text_col = pick_column(ds, data.text_column, "text_column", ("sentence", "text", "sentence1", "content"))
+    pair_col = pick_column(ds, data.text_pair_column, "text_pair_column") if data.text_pair_column else None
+    label_col = pick_column(ds, data.label_column, "label_column", ("label", "labels"))
+    return text_col, pair_col, label_col
+
+
+def tokenize_classification(ds, tokenizer, label2id: dict[str, int], data: DataSection, split: str):
+    """Truncated, unpadded encodings with integer `labels` (every label must be in label2id)."""
+    text_col, pair_col, label_col = classification_columns(ds, data)
+    names = getattr(ds.features[label_col], "names", None)
+    _check_labels(ds[label_col], label2id, names, split, label_col)
+
+    def tokenize(batch):
+        texts = [t or "" for t in batch[text_col]]
+        pairs = [t or "" for t in batch[pair_col]] if pair_col else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=data.max_seq_length)
+        enc["labels"] = [label2id[label_key(v, names)] for v in batch[label_col]]
+        return enc
+
+    return ds.map(tokenize, batched=True, num_proc=_num_proc(data), remove_columns=ds.column_names, desc=f"tokenize {split}")
+
+
+def load_eval_split(data: DataSection, split: str):
+    """The one dataset `eval` scores: validation_file, else train_file, else the hub split."""
+    for key in ("validation_file", "train_file"):
+        spec = getattr(data, key)
+        if spec:
+            return _load_files(resolve_files(spec, key), data, key)
+    if data.dataset_name:
+        hub = _load_hub(data)
+        if split not in hub:
+            raise DataError(f"--split: '{split}' not in {data.dataset_name} (splits: {', '.join(hub)})")
+        return hub[split]
+    raise DataError("no evaluation data: pass --data FILE or --dataset NAME (or set data.validation_file)")
+
+
+def label_key(value, names) -> str:
+    """A raw label as the string used in label2id (ClassLabel ints become their names)."""
     if names is not None and isinstance(value, int):
         return names[value]
     if isinstance(value, bool):
@@ -473,9 +498,30 @@ def _check_labels(values, label2id: dict[str, int], names, split: str, col: str)
     for i, value in enumerate(values):
         if value is None:
             raise DataError(f"data.label_column: row {i + 1} of the {split} data has no '{col}' value")
-        key = _label_key(value, names)
+        key = label_key(value, names)
         if key not in label2id:
             known = ", ".join(list(label2id)[:20])
             if split == "train":
                 raise DataError(f"label {value!r} (row {i + 1} of the train data) is outside the model's labels ({known})")
             raise DataError(f"label {value!r} in the {split} data (row {i + 1}) never occurs in training; known labels: {known}")
+
+
+def eval_documents(data: DataSection, split: str) -> tuple[list[str], bool]:
+    """The evaluation text for LM metrics, as (documents, from_plain_text).
+
+    A plain-text file is one document, its exact contents (newlines included); several files are
+    several documents. A dataset with a text column (hub, JSONL, CSV, Parquet) gives one document
+    per row. `eval` joins documents with "\\n\\n" unless it scores them one by one.
+    """
+    for key in ("validation_file", "train_file"):
+        spec = getattr(data, key)
+        if spec and builder_for(resolve_files(spec, key)[0], key) == "text":
+            docs = []
+            for path in resolve_files(spec, key):
+                check_file(path)
+                with open(path, encoding="utf-8", newline="") as fh:
+                    docs.append(fh.read())
+            return docs, True
+    ds = load_eval_split(data, split)
+    column = pick_column(ds, data.text_column, "text_column")
+    return [t if t is not None else "" for t in ds[column]], False
