@@ -13,7 +13,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 def test_every_shipped_config_validates():
     llmcli_configs = [p for p in CONFIGS if "accelerate" not in p.parts]
-    assert len(llmcli_configs) >= 4, llmcli_configs
+    assert len(llmcli_configs) == 5, llmcli_configs  # update when adding a config
     for path in llmcli_configs:
         load_config(path)  # raises on any unknown key or bad type, TrainingArguments fields included
 
