@@ -118,10 +118,10 @@ def _train_command(module: str, config, sets, output_dir, resume, overwrite, dry
 
         cfg = load_config(config, _overrides(sets, output_dir) + list(extra))
         mod = importlib.import_module(f"llmcli.{module}")
-        if cfg.launch.num_processes > 1 and not dry_run:
+        if (cfg.launch.num_processes > 1 or cfg.launch.config_file) and not dry_run:
             from llmcli import launch
 
-            return launch.relaunch(cfg)
+            launch.relaunch(cfg)
         summary = mod.run(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
         if not dry_run and summary:
             from llmcli.runs import is_main_process

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from llmcli import console
 from llmcli.config import DataSection
 from llmcli.errors import DataError
+from llmcli.runs import main_process_first
 
 CACHE_VERSION = 1
 TEXT_EXTS = {".txt", ".text", ".raw", ".tokens"}
@@ -51,6 +52,9 @@ def resolve_files(spec: str | list[str], key: str) -> list[str]:
             raise DataError(f"data.{key}: file not found: {item}")
         else:
             files.append(path)
+    for path in files:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"data.{key}: {path}: file is empty")
     builders = {builder_for(f, key) for f in files}
     if len(builders) > 1:
         raise DataError(f"data.{key}: files mix formats ({', '.join(sorted(builders))}); use one format per key")
@@ -256,11 +260,9 @@ def cached(parts: dict[str, Any], data: DataSection, build: Callable[[], Any], w
     key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:20]
     root = cache_root(data) / "tokenized"
     final = root / key
-    with _main_process_first():
+    with main_process_first():
         if (final / "llmcli-complete").exists():
             console.info(f"tokenized cache hit: {what} from {final}")
-            return load_from_disk(str(final))
-        if int(os.environ.get("RANK", "0")) != 0 and (final / "llmcli-complete").exists():
             return load_from_disk(str(final))
         console.info(f"tokenizing {what} (cache miss; will be stored in {final})")
         ds = build()
@@ -276,22 +278,6 @@ def cached(parts: dict[str, Any], data: DataSection, build: Callable[[], Any], w
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_from_disk(str(final))
-
-
-class _main_process_first:
-    """accelerate's main_process_first when several processes run, else nothing."""
-
-    def __enter__(self):
-        self._ctx = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
-
-            self._ctx = PartialState().main_process_first()
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
 
 
 def _num_proc(data: DataSection) -> int | None:
@@ -417,7 +403,8 @@ def label_names_from(raw, data: DataSection, label2id: dict[str, int] | None) ->
     if not values:
         raise DataError(f"data.label_column: column '{col}' is empty")
     if all(isinstance(v, (int, bool)) for v in values):
-        low, high = min(values), max(values)
+        every = [v for split in raw.values() if col in split.column_names for v in split[col] if isinstance(v, int)]
+        low, high = min(every), max(values)
         if low < 0:
             raise DataError(f"data.label_column: integer labels must be 0..K-1, found {low}")
         return [str(i) for i in range(int(high) + 1)]

@@ -19,8 +19,8 @@ from typing import Any
 
 from llmcli import console
 from llmcli.config import Config, ModelSection
-from llmcli.errors import ConfigError, DataError
-from llmcli.runs import holds_finished_run, latest_checkpoint, list_checkpoints
+from llmcli.errors import ConfigError
+from llmcli.runs import holds_finished_run, latest_checkpoint, list_checkpoints, main_process_first
 
 GPT_SPECIAL = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -164,6 +164,13 @@ def train_tokenizer(cfg: Config, masked: bool):
              "text_column": cfg.data.text_column, "seed": cfg.training.model_dump().get("seed", 42)}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     final = data_mod.cache_root(cfg.data) / "tokenizers" / key
+    with main_process_first():  # under accelerate, rank 0 trains it and the others read the cache
+        return _train_or_load_tokenizer(cfg, kind, parts, key, final)
+
+
+def _train_or_load_tokenizer(cfg: Config, kind: str, parts: dict, key: str, final: Path):
+    from llmcli import data as data_mod
+
     if (final / "llmcli-complete").exists():
         console.info(f"tokenizer cache hit: {final}")
         return _wrap_tokenizer(final, kind)
@@ -326,11 +333,6 @@ def user_labels(config) -> dict[str, int] | None:
 
 def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def require_data_for_scratch_tokenizer(cfg: Config) -> None:
-    if cfg.model.model_name_or_path is None and cfg.model.tokenizer_name is None and not (cfg.data.train_file or cfg.data.dataset_name):
-        raise DataError("training a tokenizer needs training text: set data.train_file or data.dataset_name")
 
 
 # --------------------------------------------------------------------------------------------

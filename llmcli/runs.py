@@ -11,6 +11,7 @@ Layout of a run dir (`training.output_dir`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,30 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_mo
 def is_main_process() -> bool:
     """Rank 0 under torchrun/accelerate launch, or a plain single process."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """accelerate's main_process_first across ranks (shared caches are built once); a no-op otherwise."""
+    if not is_distributed():
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def wait_for_everyone() -> None:
+    """A barrier across ranks under accelerate/torchrun; nothing in a single process."""
+    if is_distributed():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +206,23 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     return None
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop metrics.jsonl records logged after the checkpoint (they will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def resume_step(checkpoint: Path | None) -> int | None:

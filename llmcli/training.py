@@ -47,18 +47,22 @@ class RunDir:
         self.checkpoint: Path | None = None
 
     def __enter__(self) -> "RunDir":
+        # The main process locks, decides and may clear the dir; the other ranks then follow it.
         if runs.is_main_process():
             self.lock.acquire()
-        try:
-            self.checkpoint = runs.prepare_run_dir(self.path, self.resume, self.overwrite)
-            if self.checkpoint is not None:
-                _compare_with_previous(self.cfg, self.path / "config.yaml")
-                console.info(f"resuming from {self.checkpoint}")
-            if runs.is_main_process():
+            try:
+                self.checkpoint = runs.prepare_run_dir(self.path, self.resume, self.overwrite)
+                if self.checkpoint is not None:
+                    _compare_with_previous(self.cfg, self.path / "config.yaml")
+                    runs.truncate_metrics(self.path, runs.resume_step(self.checkpoint))
+                    console.info(f"resuming from {self.checkpoint}")
                 dump_resolved(self.cfg, self.path / "config.yaml", runs.provenance())
-        except BaseException:
-            self.lock.release()
-            raise
+            except BaseException:
+                self.lock.release()
+                raise
+        runs.wait_for_everyone()
+        if not runs.is_main_process():
+            self.checkpoint = runs.latest_checkpoint(self.path, warn=False) if self.resume else None
         return self
 
     def __exit__(self, *exc):
@@ -110,7 +114,13 @@ def training_arguments(cfg: Config, has_eval: bool, **forced):
     kwargs = cfg.training_arguments()
     kwargs.update(forced)
     kwargs["disable_tqdm"] = True
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # GPU speed defaults for keys the config leaves unset (fused AdamW is already Trainer's default)
+        if "bf16" not in kwargs and not kwargs.get("fp16") and torch.cuda.is_bf16_supported():
+            kwargs["bf16"] = True
+        if "tf32" not in kwargs and torch.cuda.get_device_capability()[0] >= 8:
+            kwargs["tf32"] = True
+    else:
         for flag in ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval"):
             if kwargs.get(flag):
                 console.warn(f"training.{flag}=true needs a CUDA GPU; none found, so training runs in fp32")
@@ -216,15 +226,34 @@ def _safe_exp(x: float) -> float:
         return float("inf")
 
 
+def _test_hook(name: str) -> int:
+    """Test hooks (env vars) that make kill/signal tests deterministic; 0 = off."""
+    return int(os.environ.get(f"LLMCLI_TEST_{name}", "0"))
+
+
+def _test_pause(until=lambda: False) -> None:
+    """Write the marker file the test waits for, then block (until `until()` or 120 s)."""
+    marker = os.environ.get("LLMCLI_TEST_MARKER")
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    deadline = time.time() + 120
+    while not until() and time.time() < deadline:
+        time.sleep(0.02)
+
+
 class LlmcliTrainer(Trainer):
     """Trainer with a per-step NaN/inf check (Trainer's own logging_nan_inf_filter hides them)."""
 
     nan_check = True
-    _inject_nan_at = int(os.environ.get("LLMCLI_TEST_NAN_AT_STEP", "0"))  # test hook
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if _test_hook("PAUSE_IN_SAVE") == self.state.global_step:
+            _test_pause()  # weights and optimizer written, trainer_state.json not yet: an incomplete checkpoint
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._inject_nan_at and self.state.global_step + 1 >= self._inject_nan_at:
+        if 0 < _test_hook("NAN_AT_STEP") <= self.state.global_step + 1:
             loss = loss * float("nan")
         if self.nan_check and not torch.isfinite(loss).all():
             last = runs.latest_checkpoint(Path(self.args.output_dir), warn=False)
@@ -333,6 +362,8 @@ class GracefulStop(TrainerCallback):
         console.warn(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
 
     def on_step_end(self, args, state, control, **kwargs):
+        if _test_hook("PAUSE_AT_STEP") == state.global_step:
+            _test_pause(until=lambda: self.signum is not None)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True

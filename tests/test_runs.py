@@ -1,0 +1,213 @@
+"""Unattended runs: kill -9 and resume, kills while saving, SIGTERM/SIGINT, locks, NaN, bad input.
+
+Kill and signal tests run the real CLI in a subprocess; the LLMCLI_TEST_* hooks pause it at a
+known step (or inside a checkpoint save) and write a marker file, so the tests are deterministic.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, TINY_GPT2, read_jsonl, sets
+
+TEXT = FIXTURES / "shakespeare_small.txt"
+RUN = [*TINY_GPT2, f"data.train_file={TEXT}", "training.max_steps=12", "training.save_steps=4", "training.logging_steps=2"]
+
+
+def args(out, *extra):
+    return ["pretrain", *sets(*RUN, *extra), "-o", str(out)]
+
+
+def start(out, tmp_path, **hooks):
+    marker = tmp_path / "paused"
+    env = {**os.environ, "LLMCLI_TEST_MARKER": str(marker), **{f"LLMCLI_TEST_{k}": str(v) for k, v in hooks.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *args(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            out_, err = proc.communicate()
+            pytest.fail(f"run ended before pausing (exit {proc.returncode}): {err.decode()}")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    out = tmp_path_factory.mktemp("clean") / "run"
+    result = CliRunner().invoke(app, args(out), catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return {**json.loads((out / "summary.json").read_text()), "dir": out}
+
+
+def test_kill9_during_training_resumes_to_the_same_result(cli, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path, PAUSE_AT_STEP=7)  # after step 6 was logged, before checkpoint-8
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-4" / "trainer_state.json").exists() and not (out / "summary.json").exists()
+    assert [e["step"] for e in read_jsonl(out / "metrics.jsonl")] == [2, 4, 6]
+    result = cli(*args(out))  # the same command again (the dead run's lock is taken over)
+    assert "stale lock" in result.stderr and "resuming from" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["global_step"] == uninterrupted["global_step"] == 12
+    # same model, optimizer, scheduler, RNG and data position: the result matches to float noise
+    assert abs(summary["eval_loss"] - uninterrupted["eval_loss"]) < 1e-4
+    # metrics.jsonl was cut back to checkpoint-4 on resume: one record per step, the same losses
+    resumed = [(e["step"], round(e["loss"], 4)) for e in read_jsonl(out / "metrics.jsonl") if "loss" in e]
+    clean = [(e["step"], round(e["loss"], 4)) for e in read_jsonl(uninterrupted["dir"] / "metrics.jsonl") if "loss" in e]
+    assert resumed == clean and [s for s, _ in resumed] == [2, 4, 6, 8, 10, 12]
+
+
+def test_kill9_while_saving_keeps_the_previous_checkpoint(cli, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path, PAUSE_IN_SAVE=8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-8").is_dir() and not (out / "checkpoint-8" / "trainer_state.json").exists()
+    result = cli(*args(out))
+    assert "skipping incomplete checkpoint" in result.stderr and "checkpoint-8" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["global_step"] == 12
+    assert abs(summary["eval_loss"] - uninterrupted["eval_loss"]) < 1e-4
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_then_exits(cli, tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = start(out, tmp_path, PAUSE_AT_STEP=5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err.decode()
+    err = err.decode()
+    assert f"stopped by {sig.name} at step 5" in err and "Traceback" not in err
+    assert (out / "checkpoint-5" / "trainer_state.json").exists()
+    assert not (out / ".llmcli.lock").exists()
+    summary_run = cli(*args(out))
+    assert "checkpoint-5" in summary_run.stderr
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 5
+
+
+def test_second_run_into_a_locked_dir_exits_75(cli, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".llmcli.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+    result = cli(*args(out), expect=75)
+    assert f"pid {os.getpid()}" in result.stderr and socket.gethostname() in result.stderr and "2026-01-01" in result.stderr
+    assert (out / ".llmcli.lock").exists()  # the holder's lock is untouched
+
+
+def test_stale_lock_is_taken_over(cli, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".llmcli.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    result = cli(*args(out, "training.max_steps=1"))
+    assert "taking over stale lock" in result.stderr
+    assert not (out / ".llmcli.lock").exists()
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(cli, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("LLMCLI_TEST_NAN_AT_STEP", "7")
+    result = cli(*args(out), expect=1)
+    assert "loss became nan at step 7" in result.stderr and "checkpoint-4" in result.stderr
+    assert (out / "checkpoint-4" / "trainer_state.json").exists()
+    assert not (out / "checkpoint-8").exists() and not (out / "summary.json").exists()
+    monkeypatch.delenv("LLMCLI_TEST_NAN_AT_STEP")
+    cli(*args(out))  # resumes from the good checkpoint
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 4
+
+
+def _bad_cases(tmp: Path):
+    (tmp / "empty.txt").write_text("")
+    (tmp / "blank.txt").write_text("\n\n  \n")
+    (tmp / "data.docx").write_text("x")
+    (tmp / "latin1.txt").write_bytes("line one\nline two\ncaf\xe9\n".encode("latin-1"))
+    (tmp / "rows.jsonl").write_text('{"body": "a", "title": "t"}\n{"body": "b", "title": "u"}\n')
+    (tmp / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp / "bad.yaml").write_text("training:\n  max_steps: [1\n")
+    (tmp / "noweights").mkdir()
+    (tmp / "noweights" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    text = f"data.train_file={TEXT}"
+    return [
+        # (extra args, exit code, message)
+        ([f"data.train_file={tmp / 'empty.txt'}"], 4, "empty.txt: file is empty"),
+        ([f"data.train_file={tmp / 'blank.txt'}"], 4, "holds only blank lines"),
+        ([f"data.train_file={tmp / 'missing.txt'}"], 4, "data.train_file: file not found"),
+        ([f"data.train_file={tmp / 'data.docx'}"], 4, "unsupported extension '.docx'"),
+        ([f"data.train_file={tmp / 'latin1.txt'}"], 4, "latin1.txt:3: not valid UTF-8"),
+        ([f"data.train_file={tmp / 'rows.jsonl'}"], 4, "data.text_column is not set and no obvious column exists; the data has columns: body, title"),
+        ([f"data.train_file={tmp / 'rows.jsonl'}", "data.text_column=text"], 4, "column 'text' not found; the data has columns: body, title"),
+        ([f"data.train_file={tmp / 'broken.jsonl'}"], 4, "broken.jsonl:2: malformed JSON line"),
+        ([text, "data.block_size=4096"], 2, "data.block_size=4096 is larger than the model's context (128"),
+        ([text, "training.max_steps=many"], 2, "config key 'training.max_steps': expected int"),
+        ([text, "training.learning_rat=1"], 2, "did you mean 'learning_rate'"),
+        ([text, "model.config_overrides.n_layers=2"], 2, "unknown config key 'model.config_overrides.n_layers' for gpt2 (did you mean 'n_layer'?)"),
+        ([text, f"model.model_name_or_path={tmp / 'noweights'}"], 2, "holds no weights"),
+        ([text, f"model.model_name_or_path={tmp / 'nowhere'}"], 2, "model path not found"),
+        (["--config", str(tmp / "bad.yaml")], 2, "bad.yaml:3:1: YAML syntax error"),
+    ]
+
+
+def test_bad_inputs_give_one_line_and_an_exit_code(cli, tmp_path):
+    for extra, code, message in _bad_cases(tmp_path):
+        flags = extra if extra[0].startswith("--") else sets(*extra)
+        result = cli("pretrain", *sets(*TINY_GPT2, "training.max_steps=1"), *flags, "-o", tmp_path / "out", expect=None)
+        assert result.exit_code == code, (extra, result.exit_code, result.stderr)
+        assert message in result.stderr, (extra, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
+        assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_negative_int_labels_and_labels_outside_a_classifier(cli, bert_run, tmp_path):
+    (tmp_path / "neg.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t-1\n")
+    result = cli("finetune", "--model", bert_run, *sets(f"data.train_file={tmp_path / 'neg.tsv'}", "training.max_steps=1"),
+                 "-o", tmp_path / "o", expect=4)
+    assert "integer labels must be 0..K-1, found -1" in result.stderr
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(cli, gpt2_run, tmp_path):
+    big = tmp_path / "bigtok"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gpt2_run)
+    tok.add_tokens([f"<extra_{i}>" for i in range(500)])
+    tok.save_pretrained(big)
+    result = cli("finetune", "--model", gpt2_run, *sets(f"data.train_file={TEXT}", f"model.tokenizer_name={big}", "training.max_steps=1"),
+                 "-o", tmp_path / "o2", expect=2)
+    assert "tokenizer has" in result.stderr and "embedding has" in result.stderr
+
+
+def test_unwritable_output_dir_fails_before_training(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = cli(*args(blocker / "run"), expect=2)
+    assert "cannot create output dir" in result.stderr and str(blocker) in result.stderr
+
+
+def test_pickle_only_checkpoint_needs_opt_in(cli, gpt2_run, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pkl = tmp_path / "pkl"
+    shutil.copytree(gpt2_run, pkl, ignore=shutil.ignore_patterns("checkpoint-*", "*.safetensors"))
+    torch.save(load_file(gpt2_run / "model.safetensors"), pkl / "pytorch_model.bin")
+    result = cli("generate", "--model", pkl, "--prompt", "x", expect=2)
+    assert "only pickle weights" in result.stderr and "model.allow_pickle=true" in result.stderr
+    ok = cli("generate", "--model", pkl, "--prompt", "ROMEO:", "--max-new-tokens", "4", "--set", "model.allow_pickle=true")
+    assert ok.stdout.strip()
