@@ -60,7 +60,8 @@ def main_callback(
 
 def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
     """Run a command body; map errors to one-line messages and exit codes."""
-    console.configure(quiet=quiet, debug=debug)
+    # under accelerate/torchrun only the main process talks; errors still print on every rank
+    console.configure(quiet=quiet or int(os.environ.get("RANK", "0")) != 0, debug=debug)
     _quiet_libraries(debug)
     try:
         return fn()

@@ -293,7 +293,10 @@ def lm_datasets(data: DataSection, tokenizer, block_size: int, masked: bool, see
 
     Local JSON/CSV/Parquet rows are documents, so an EOS token separates them for causal LMs;
     text files are line streams whose newlines are kept, so nothing is inserted there.
+    With `data.streaming`, the training split is tokenized on the fly instead (no cache).
     """
+    if data.streaming:
+        return _streaming_lm(data, tokenizer, block_size, masked, seed)
     parts = {
         "kind": "lm", "source": source_fingerprint(data), "tokenizer": tokenizer_fingerprint(tokenizer),
         "block_size": block_size, "masked": masked, "text_column": data.text_column, "seed": seed,
@@ -301,26 +304,11 @@ def lm_datasets(data: DataSection, tokenizer, block_size: int, masked: bool, see
     }
 
     def build():
+        from datasets import DatasetDict
+
         raw = load_raw(data, seed)
         column = pick_column(raw["train"] if "train" in raw else raw["validation"], data.text_column, "text_column")
-        add_eos = not masked and tokenizer.eos_token_id is not None and not _is_line_text(data) and not data.dataset_name
-
-        def tokenize(batch):
-            texts = [t if t is not None else "" for t in batch[column]]
-            out = tokenizer(texts, add_special_tokens=masked, return_special_tokens_mask=masked, return_attention_mask=False)
-            if add_eos:
-                out["input_ids"] = [ids + [tokenizer.eos_token_id] for ids in out["input_ids"]]
-            return out
-
-        def group(batch):
-            keys = [k for k in batch if k in ("input_ids", "special_tokens_mask")]
-            concat = {k: list(itertools.chain.from_iterable(batch[k])) for k in keys}
-            total = (len(concat["input_ids"]) // block_size) * block_size
-            result = {k: [v[i : i + block_size] for i in range(0, total, block_size)] for k, v in concat.items()}
-            if not masked:
-                result["labels"] = [list(x) for x in result["input_ids"]]
-            return result
-
+        tokenize, group = _lm_functions(data, tokenizer, column, block_size, masked)
         out = {}
         for split, ds in raw.items():
             tokenized = ds.map(tokenize, batched=True, num_proc=_num_proc(data), remove_columns=ds.column_names, desc=f"tokenize {split}")
@@ -332,12 +320,63 @@ def lm_datasets(data: DataSection, tokenizer, block_size: int, masked: bool, see
                     f"lower data.block_size or give more {split} text"
                 )
             out[split] = grouped
-        from datasets import DatasetDict
-
         return DatasetDict(out)
 
     result = cached(parts, data, build, f"LM data (block_size={block_size})")
     return _truncate(result, data)
+
+
+def _lm_functions(data: DataSection, tokenizer, column: str, block_size: int, masked: bool):
+    """The batched `tokenize` and `group` functions shared by the cached and streaming paths."""
+    add_eos = not masked and tokenizer.eos_token_id is not None and not _is_line_text(data) and not data.dataset_name
+
+    def tokenize(batch):
+        texts = [t if t is not None else "" for t in batch[column]]
+        out = tokenizer(texts, add_special_tokens=masked, return_special_tokens_mask=masked, return_attention_mask=False)
+        if add_eos:
+            out["input_ids"] = [ids + [tokenizer.eos_token_id] for ids in out["input_ids"]]
+        return out
+
+    def group(batch):
+        keys = [k for k in batch if k in ("input_ids", "special_tokens_mask")]
+        concat = {k: list(itertools.chain.from_iterable(batch[k])) for k in keys}
+        total = (len(concat["input_ids"]) // block_size) * block_size
+        result = {k: [v[i : i + block_size] for i in range(0, total, block_size)] for k, v in concat.items()}
+        if not masked:
+            result["labels"] = [list(x) for x in result["input_ids"]]
+        return result
+
+    return tokenize, group
+
+
+def _streaming_lm(data: DataSection, tokenizer, block_size: int, masked: bool, seed: int):
+    """Training blocks produced on the fly from a streamed corpus: memory stays flat however
+    large it is. Validation comes from data.validation_file only (tokenized and cached as usual)."""
+    from datasets import load_dataset
+
+    if data.train_file:
+        files = resolve_files(data.train_file, "train_file")
+        builder = builder_for(files[0], "train_file")
+        kwargs: dict[str, Any] = {"keep_linebreaks": data.keep_linebreaks} if builder == "text" else {}
+        if builder == "csv" and Path(files[0]).suffix.lower() == ".tsv":
+            kwargs.update(delimiter="\t", quoting=3)
+        stream = load_dataset(builder, data_files={"train": files}, split="train", streaming=True, **kwargs)
+    elif data.dataset_name:
+        stream = load_dataset(data.dataset_name, data.dataset_config_name, split=data.train_split, streaming=True)
+    else:
+        raise DataError("data.streaming needs data.train_file or data.dataset_name")
+    column = data.text_column or "text"
+    tokenize, group = _lm_functions(data, tokenizer, column, block_size, masked)
+    train = stream.map(tokenize, batched=True, remove_columns=[column]).map(group, batched=True)
+    keep = ["input_ids", "labels"] if not masked else ["input_ids", "special_tokens_mask"]
+    train = train.select_columns(keep).shuffle(seed=seed, buffer_size=1000)
+    from datasets import IterableDatasetDict
+
+    out = IterableDatasetDict({"train": train})
+    if data.validation_file:
+        val_cfg = data.model_copy(update={"streaming": False, "train_file": None, "dataset_name": None})
+        out["validation"] = lm_datasets(val_cfg, tokenizer, block_size, masked, seed)["validation"]
+    return out
 
 
 def _truncate(dsd, data: DataSection):

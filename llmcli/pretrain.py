@@ -14,6 +14,7 @@ from typing import Any
 
 from llmcli import console, data, modeling
 from llmcli.config import Config
+from llmcli.errors import ConfigError
 
 
 def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False) -> dict[str, Any]:
@@ -33,13 +34,16 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         seed = training.seed_of(cfg)
         transformers.set_seed(seed)
         masked = task == "masked-lm"
+        if cfg.data.streaming and not (cfg.model.tokenizer_name or model_path):
+            raise ConfigError("data.streaming=true needs model.tokenizer_name (a tokenizer is not trained on a stream)")
         tokenizer = modeling.load_tokenizer(cfg, model_path, masked=masked)
         model = modeling.build_model(cfg, task, tokenizer, model_path)
         block_size = cfg.data.block_size or modeling.default_block_size(model.config, tokenizer)
         modeling.check_block_size(model.config, block_size)
         datasets = data.lm_datasets(cfg.data, tokenizer, block_size, masked=masked, seed=seed)
+        train_size = "streamed" if cfg.data.streaming else f"{len(datasets['train']):,}"
         console.info(
-            f"{task} on {len(datasets['train']):,} blocks of {block_size} tokens"
+            f"{task} on {train_size} blocks of {block_size} tokens"
             + (f", validating on {len(datasets['validation']):,}" if "validation" in datasets else "")
         )
         if masked:

@@ -40,24 +40,29 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def distributed_state():
+    """accelerate's process state. Without a GPU, ranks talk over gloo (`cpu=True`); Trainer is
+    given the same choice (`use_cpu`), since the state is a singleton set up by its first caller."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 @contextlib.contextmanager
 def main_process_first():
     """accelerate's main_process_first across ranks (shared caches are built once); a no-op otherwise."""
     if not is_distributed():
         yield
         return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
+    with distributed_state().main_process_first():
         yield
 
 
 def wait_for_everyone() -> None:
     """A barrier across ranks under accelerate/torchrun; nothing in a single process."""
     if is_distributed():
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        distributed_state().wait_for_everyone()
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,10 +121,16 @@ def training_arguments(cfg: Config, has_eval: bool, **forced):
         if "tf32" not in kwargs and torch.cuda.get_device_capability()[0] >= 8:
             kwargs["tf32"] = True
     else:
+        if runs.is_distributed():
+            kwargs.setdefault("use_cpu", True)  # several CPU processes: DDP over gloo
         for flag in ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval"):
             if kwargs.get(flag):
                 console.warn(f"training.{flag}=true needs a CUDA GPU; none found, so training runs in fp32")
                 kwargs[flag] = False
+    if cfg.data.streaming and (kwargs.get("max_steps") or -1) <= 0:
+        raise ConfigError("data.streaming=true needs training.max_steps (a stream has no length to count epochs by)")
+    if runs.is_distributed():
+        kwargs.setdefault("ddp_find_unused_parameters", False)  # GPT-2/BERT heads use every parameter
     strategy = str(kwargs.get("eval_strategy", "no"))
     if strategy not in ("no", "IntervalStrategy.NO") and not has_eval:
         raise ConfigError(f"training.eval_strategy={strategy} but there is no validation data (set data.validation_file or data.validation_split_percentage > 0)")

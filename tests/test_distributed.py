@@ -1,0 +1,72 @@
+"""Several processes through accelerate (gloo ranks on CPU), streaming, and the data cache keys."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import FIXTURES, TINY_GPT2, sets
+
+TEXT = FIXTURES / "shakespeare_small.txt"
+# dropout off so that 1 process x batch 8 and 2 processes x batch 4 compute the same steps
+DETERMINISTIC = [*TINY_GPT2, f"data.train_file={TEXT}", "training.max_steps=8", "model.config_overrides.resid_pdrop=0",
+                 "model.config_overrides.embd_pdrop=0", "model.config_overrides.attn_pdrop=0", "training.save_steps=4"]
+
+
+def layout(run_dir):
+    return sorted(p.name for p in run_dir.iterdir())
+
+
+def test_two_processes_match_one_process(cli, tmp_path):
+    env = {**os.environ, "LLMCLI_CACHE": str(tmp_path / "cache")}
+    one = tmp_path / "one"
+    cli("pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=8"), "-o", one)
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "llmcli", "pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=4"),
+                           "-o", str(two), "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "launching 2 processes" in proc.stderr
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["global_step"] == s1["global_step"] == 8
+    assert s2["train_tokens"] == s1["train_tokens"] == 8 * 8 * 32  # global batch = 2 x per-device 4
+    assert abs(s2["eval_loss"] - s1["eval_loss"]) / s1["eval_loss"] < 1e-3
+    assert layout(one) == layout(two)
+    assert proc.stderr.count("built gpt2 from scratch") == 1  # only the main process talks
+    entries = os.listdir(tmp_path / "cache" / "tokenized")
+    assert len(entries) == 1 and not any(e.startswith(".") for e in entries)  # tokenized once, no leftovers
+
+
+def test_accelerate_launch_directly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli", "pretrain",
+                           *sets(*DETERMINISTIC, "training.max_steps=2", "training.per_device_train_batch_size=2"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_tokens"] == 2 * 2 * 2 * 32
+    assert not (out / ".llmcli.lock").exists()
+
+
+def test_streaming_trains_without_caching_the_corpus(cli, gpt2_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "stream"
+    result = cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={TEXT}", "data.streaming=true", f"model.tokenizer_name={gpt2_run}",
+                 "training.max_steps=6"), "-o", out)
+    assert "streamed blocks" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["train_tokens"] == 6 * 8 * 32
+    assert not (tmp_path / "cache" / "tokenized").exists()
+    result = cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={TEXT}", "data.streaming=true", f"model.tokenizer_name={gpt2_run}"),
+                 "-o", tmp_path / "x", expect=2)
+    assert "needs training.max_steps" in result.stderr
+
+
+def test_cache_key_follows_the_tokenizer(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "cache"))
+    base = [*TINY_GPT2, f"data.train_file={TEXT}", "training.max_steps=1"]
+    assert "cache miss" in cli("pretrain", *sets(*base), "-o", tmp_path / "a").stderr
+    assert "tokenized cache hit" in cli("pretrain", *sets(*base), "-o", tmp_path / "b").stderr
+    other = cli("pretrain", *sets(*base, "model.vocab_size=280"), "-o", tmp_path / "c").stderr
+    assert "training a bpe tokenizer (vocab_size=280)" in other and "cache miss" in other
+    assert len(os.listdir(tmp_path / "cache" / "tokenized")) == 2
