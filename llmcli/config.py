@@ -182,11 +182,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected dotted.key=value (e.g. --set training.max_steps=20)")
+    if text.strip().lower() in _YAML11_BOOLS:
+        return key.split("."), text.strip()  # `=no` is the string "no" (eval_strategy=no), not YAML 1.1's False
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text  # not a YAML scalar: keep the literal string; the schema decides if that fits
     return key.split("."), value
+
+
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 
 
 def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -265,6 +270,9 @@ def check_training_keys(training: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"unknown config key 'training.{key}': not a TrainingArguments field{_suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
         if value is None:
             continue
+        if isinstance(value, bool) and _admits_str_not_bool(hints[key]):
+            # YAML 1.1 reads `save_strategy: no` as False; these fields mean the string
+            value = out[key] = "no" if value is False else "yes"
         try:
             converted = TypeAdapter(hints[key]).validate_python(value)
         except ValidationError:
@@ -273,6 +281,13 @@ def check_training_keys(training: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and not isinstance(converted, str):
             out[key] = converted.value if hasattr(converted, "value") else converted
     return out
+
+
+def _admits_str_not_bool(annotation) -> bool:
+    import typing
+
+    args = typing.get_args(annotation) or (annotation,)
+    return str in args and bool not in args
 
 
 def dump_resolved(cfg: Config, path: Path, provenance: dict[str, Any] | None = None) -> None:

@@ -66,18 +66,23 @@ def cli():
     return invoke
 
 
-@pytest.fixture(scope="session")
-def gpt2_run(tmp_path_factory):
-    """A tiny GPT-2 pretrained once for the session (used by generate/eval/finetune tests)."""
+def _session_run(tmp_path_factory, name, *args):
+    """Run one CLI command once for the whole session into runs/<name>; returns the run dir."""
     from typer.testing import CliRunner
 
     from llmcli.cli import app
 
-    out = tmp_path_factory.mktemp("runs") / "gpt2"
-    args = ["pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=40"), "-o", str(out)]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    out = tmp_path_factory.mktemp("runs") / name
+    result = CliRunner().invoke(app, [*map(str, args), "-o", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_run(tmp_path_factory):
+    """A tiny GPT-2 pretrained once for the session (used by generate/eval/finetune tests)."""
+    return _session_run(tmp_path_factory, "gpt2", "pretrain",
+                        *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=40"))
 
 
 def read_jsonl(path):
@@ -87,30 +92,16 @@ def read_jsonl(path):
 @pytest.fixture(scope="session")
 def bert_run(tmp_path_factory):
     """A tiny BERT pretrained (masked LM) once for the session: the base for classifier tests."""
-    from typer.testing import CliRunner
-
-    from llmcli.cli import app
-
-    out = tmp_path_factory.mktemp("runs") / "bert"
-    args = ["pretrain", *sets(*TINY_BERT, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=10"), "-o", str(out)]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.stderr
-    return out
+    return _session_run(tmp_path_factory, "bert", "pretrain",
+                        *sets(*TINY_BERT, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=10"))
 
 
 @pytest.fixture(scope="session")
 def classifier_run(tmp_path_factory, bert_run):
     """A tiny BERT sentiment classifier with string labels (negative/positive)."""
-    from typer.testing import CliRunner
-
-    from llmcli.cli import app
-
-    out = tmp_path_factory.mktemp("runs") / "clf"
-    args = ["finetune", "--model", str(bert_run), *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
-            f"data.validation_file={FIXTURES / 'sentiment_dev.jsonl'}", "data.label_column=sentiment"), "-o", str(out)]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.stderr
-    return out
+    return _session_run(tmp_path_factory, "clf", "finetune", "--model", bert_run,
+                        *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
+                              f"data.validation_file={FIXTURES / 'sentiment_dev.jsonl'}", "data.label_column=sentiment"))
 
 
 CLASSIFIER = [

@@ -86,3 +86,14 @@ def test_config_errors_exit_2_without_traceback(cli, tmp_path):
     assert "config file not found" in result.stderr
     result = cli("pretrain", "--set", "data.train_file=x.txt", expect=2)
     assert "training.output_dir" in result.stderr
+
+
+def test_yaml11_no_is_a_string_for_strategy_fields(tmp_path):
+    """`--set training.eval_strategy=no` and `save_strategy: no` in a file mean the string 'no'."""
+    cfg = load_config(None, ["training.save_strategy=no", "training.eval_strategy=no", "data.streaming=yes", "training.bf16=on"])
+    assert cfg.training.save_strategy == "no" and cfg.training.eval_strategy == "no"
+    assert cfg.data.streaming is True and cfg.training.bf16 is True
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  save_strategy: no\n  logging_strategy: no\n")
+    cfg = load_config(path)
+    assert cfg.training.save_strategy == "no" and cfg.training.logging_strategy == "no"
