@@ -31,7 +31,8 @@ BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or name.count("/") > 1
+    """A local path rather than a hub id ('gpt2', 'org/model'): ./x, /x, ~/x, a/b/c, or runs/x when runs/ exists."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/", 1)[0]))
 
 
 def resolve_model_path(name_or_path: str, checkpoint: str | None = None) -> str:

@@ -176,13 +176,20 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint; incomplete ones are skipped (with a warning), never loaded."""
+def latest_checkpoint(run_dir: Path, warn: bool = True, remove_incomplete: bool = False) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are skipped (with a warning), never loaded.
+
+    With `remove_incomplete` (a resuming run that holds the lock), the incomplete ones newer than
+    it are deleted, so that Trainer never saves into, rotates or picks up a half-written dir.
+    """
     for step, path in reversed(list_checkpoints(run_dir)):
         if checkpoint_is_complete(path):
             return path
         if warn:
-            console.warn(f"skipping incomplete checkpoint {path} (interrupted while saving)")
+            action = "removing" if remove_incomplete else "skipping"
+            console.warn(f"{action} incomplete checkpoint {path} (interrupted while saving)")
+        if remove_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 
@@ -197,7 +204,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None
     - otherwise, a dir that holds checkpoints or a finished run is only reused with --overwrite,
       which clears the previous run's files first (the lock stays).
     """
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = latest_checkpoint(run_dir, remove_incomplete=True) if resume else None
     if ckpt is not None:
         return ckpt
     previous = holds_finished_run(run_dir) or bool(list_checkpoints(run_dir))

@@ -131,3 +131,10 @@ def test_checkpoint_selection(cli, tmp_path):
         assert gen(cli, out, "--checkpoint", ckpt, "--prompt", "ROMEO:").stdout.strip()
     result = gen(cli, out, "--checkpoint", "3", "--prompt", "x", expect=2)
     assert "checkpoints: 2, 4" in result.stderr
+
+
+def test_relative_run_dir_typo_is_a_path_error(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    result = cli("generate", "--model", "runs/shakespear", "--prompt", "x", expect=2)
+    assert "model path not found: runs/shakespear" in result.stderr

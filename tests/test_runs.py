@@ -76,7 +76,7 @@ def test_kill9_while_saving_keeps_the_previous_checkpoint(cli, tmp_path, uninter
     proc.wait()
     assert (out / "checkpoint-8").is_dir() and not (out / "checkpoint-8" / "trainer_state.json").exists()
     result = cli(*args(out))
-    assert "skipping incomplete checkpoint" in result.stderr and "checkpoint-8" in result.stderr
+    assert "removing incomplete checkpoint" in result.stderr and "checkpoint-8" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == 4 and summary["global_step"] == 12
     assert abs(summary["eval_loss"] - uninterrupted["eval_loss"]) < 1e-4
