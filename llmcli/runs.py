@@ -4,7 +4,8 @@ Layout of a run dir (`training.output_dir`):
     config.yaml      resolved config (provenance in leading comments)
     metrics.jsonl    one JSON object per log/eval event
     summary.json     final metrics, written when the run ends
-    checkpoint-N/    Trainer checkpoints (model, optimizer, scheduler, RNG, trainer_state.json)
+    checkpoint-N/    Trainer checkpoints (model, optimizer, scheduler, RNG, trainer_state.json), each
+                     written under .staging/ and renamed into place when complete
     *.safetensors, config.json, tokenizer files: the final model, loadable with from_pretrained
     .llmcli.lock     held while a run writes here
 """
@@ -27,6 +28,7 @@ from llmcli import console
 from llmcli.errors import ConfigError, LockedError
 
 LOCK_NAME = ".llmcli.lock"
+STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
@@ -204,6 +206,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None
     - otherwise, a dir that holds checkpoints or a finished run is only reused with --overwrite,
       which clears the previous run's files first (the lock stays).
     """
+    staging = run_dir / STAGING_DIR
+    if staging.is_dir():
+        for partial in sorted(staging.iterdir()):
+            console.warn(f"removing incomplete checkpoint {partial} (interrupted while saving)")
+        shutil.rmtree(staging, ignore_errors=True)
     ckpt = latest_checkpoint(run_dir, remove_incomplete=True) if resume else None
     if ckpt is not None:
         return ckpt

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
 
 from llmcli import console, runs
 from llmcli.config import Config, dump_resolved, load_config
@@ -251,6 +253,36 @@ class LlmcliTrainer(Trainer):
     """Trainer with a per-step NaN/inf check (Trainer's own logging_nan_inf_filter hides them)."""
 
     nan_check = True
+    _staging: Path | None = None
+
+    def _save_checkpoint(self, model, trial):
+        """Write checkpoint-N under <run>/.staging/ and rename it into place once complete, so a kill
+        while saving leaves the previous checkpoint as the latest (Trainer writes in place)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = run_dir / runs.STAGING_DIR
+        try:
+            super()._save_checkpoint(model, trial)  # writes into .staging/ (see _get_output_dir); its rotation finds nothing there
+        finally:
+            self._staging = None
+        if not self.args.should_save:
+            return
+        staged, final = run_dir / runs.STAGING_DIR / name, run_dir / name
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staged.parent:
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            self.state.save_to_json(str(staged / "trainer_state.json"))  # record the final path, not the staging one
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        try:
+            staged.parent.rmdir()
+        except OSError:
+            pass
+        rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _get_output_dir(self, trial):
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)

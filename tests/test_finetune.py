@@ -49,7 +49,8 @@ def test_early_stopping_and_best_model(cli, bert_run, tmp_path):
     assert summary["global_step"] == 30  # an improvement of 0.5 accuracy never comes: stop after 2 more evaluations
     evals = {e["step"]: e["eval_accuracy"] for e in read_jsonl(out / "metrics.jsonl") if "eval_accuracy" in e}
     best_step = max(sorted(evals), key=lambda s: evals[s])  # the first step with the best accuracy
-    assert summary["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert summary["best_model_checkpoint"] == str(out / f"checkpoint-{best_step}")
+    assert (out / f"checkpoint-{best_step}" / "model.safetensors").exists()
     assert summary["eval_accuracy"] == evals[best_step]  # the best model was reloaded at the end
 
 
@@ -115,3 +116,47 @@ def test_lora_saves_adapter_and_merged_model(cli, bert_run, tmp_path):
     assert merged.config.num_labels == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["merged_model"].endswith("merged") and summary["eval_accuracy"] > 0.5
+
+
+def test_text_pair_classification_from_csv(cli, bert_run, tmp_path):
+    """Two text columns (premise/hypothesis style) from a CSV, with string labels."""
+    import csv
+
+    from transformers import AutoModelForSequenceClassification
+
+    rows = [line.split("\t") for line in TSV_TRAIN.read_text().splitlines()[1:]]
+    with open(tmp_path / "pairs.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["first", "second", "relation"])
+        for (a, la), (b, lb) in zip(rows, rows[1:] + rows[:1]):
+            w.writerow([a, b, "same" if la == lb else "different"])
+    out = tmp_path / "pair"
+    cli("finetune", "--model", bert_run, *sets("training.max_steps=6", f"data.train_file={tmp_path / 'pairs.csv'}",
+        "data.text_column=first", "data.text_pair_column=second", "data.label_column=relation", "data.max_seq_length=48"), "-o", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "classification" and "eval_f1" in summary
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.id2label == {0: "different", 1: "same"}
+
+    from llmcli import data, modeling
+    from llmcli.config import load_config
+
+    cfg = load_config(None, [f"data.train_file={tmp_path / 'pairs.csv'}", "data.text_column=first", "data.text_pair_column=second",
+                             "data.label_column=relation", "data.max_seq_length=48"], check_training=False)
+    tok = modeling.load_tokenizer(cfg, str(bert_run))
+    row = data.classification_datasets(cfg.data, tok, ["different", "same"])["train"][0]
+    assert row["input_ids"].count(tok.sep_token_id) == 2  # [CLS] first [SEP] second [SEP]
+
+
+def test_lora_run_dir_loads_in_generate_and_eval(cli, gpt2_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "lora-lm"
+    cli("finetune", "--model", gpt2_run, *sets(f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "data.block_size=32",
+        "training.max_steps=3", "peft=true"), "-o", out)
+    assert (out / "merged" / "model.safetensors").exists()
+    merged = cli("generate", "--model", out, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "6").stdout
+    shutil.rmtree(out / "merged")  # adapter only: base model + adapter through peft
+    adapter = cli("generate", "--model", out, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "6").stdout
+    assert merged == adapter and merged.strip()
+    result = cli("eval", "--model", out, "--data", FIXTURES / "shakespeare_small.txt", "--max-length", "64", "--json")
+    assert json.loads(result.stdout)["task"] == "causal-lm"

@@ -74,9 +74,12 @@ def test_kill9_while_saving_keeps_the_previous_checkpoint(cli, tmp_path, uninter
     proc = start(out, tmp_path, PAUSE_IN_SAVE=8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (out / "checkpoint-8").is_dir() and not (out / "checkpoint-8" / "trainer_state.json").exists()
+    # the half-written checkpoint is in .staging/, never under its final name
+    assert (out / ".staging" / "checkpoint-8").is_dir() and not (out / "checkpoint-8").exists()
+    assert (out / "checkpoint-4" / "trainer_state.json").exists()
     result = cli(*args(out))
     assert "removing incomplete checkpoint" in result.stderr and "checkpoint-8" in result.stderr
+    assert not (out / ".staging").exists() and (out / "checkpoint-8" / "trainer_state.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == 4 and summary["global_step"] == 12
     assert abs(summary["eval_loss"] - uninterrupted["eval_loss"]) < 1e-4
@@ -96,6 +99,13 @@ def test_signal_checkpoints_then_exits(cli, tmp_path, sig, code):
     summary_run = cli(*args(out))
     assert "checkpoint-5" in summary_run.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 5
+
+
+def test_save_total_limit_rotates_renamed_checkpoints(cli, tmp_path):
+    out = tmp_path / "run"
+    cli(*args(out, "training.save_steps=2", "training.save_total_limit=2", "training.max_steps=8"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert not (out / ".staging").exists()
 
 
 def test_second_run_into_a_locked_dir_exits_75(cli, tmp_path):
