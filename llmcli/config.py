@@ -152,7 +152,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, raw)) from None
+        raise ConfigError(_format_validation_error(err)) from None
     if check_training:
         cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump()))
     return cfg
@@ -211,36 +211,32 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _format_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
+def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
-    # pydantic reports union members as extra loc parts (e.g. 'str', 'list[str]'); keep the config path only
-    path = []
-    model: Any = Config
+    # pydantic appends union member names to loc (e.g. 'str', 'list[str]'): keep only the config path
+    path: list[str] = []
     for part in loc:
-        fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields and first["type"] != "extra_forbidden":
+        owner = _section_model(path)
+        if owner is None or (part not in owner.model_fields and first["type"] != "extra_forbidden"):
             break
         path.append(part)
-        if part in (fields or {}):
-            ann = fields[part].annotation
-            model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
     key = ".".join(path) or ".".join(loc)
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     if first["type"] == "extra_forbidden":
-        parent = ".".join(path[:-1])
-        owner = _section_model(parent)
+        owner = _section_model(path[:-1])
         hint = _suggest(path[-1], owner.model_fields) if owner else ""
-        where = f"in section '{parent}'" if parent else "at the top level"
+        where = f"in section '{'.'.join(path[:-1])}'" if len(path) > 1 else "at the top level"
         return f"unknown config key '{key}' {where}{hint}{more}"
     if first["type"] == "missing":
         return f"config key '{key}' is required{more}"
     return f"config key '{key}': {first['msg']}, got {first.get('input')!r}{more}"
 
 
-def _section_model(dotted: str):
+def _section_model(path: list[str]):
+    """The pydantic model of the section at `path` (Config for []), or None below a plain field."""
     model: Any = Config
-    for part in filter(None, dotted.split(".")):
+    for part in path:
         ann = model.model_fields[part].annotation
         model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 from llmcli import console, modeling
 from llmcli.config import Config, GenerationSection

@@ -1,7 +1,7 @@
 """Pretraining benchmark: `llmcli pretrain` vs a plain run_clm.py-style Trainer script, in one run.
 
 Same GPT-2 shape, same GPT-2 BPE tokenizer, same data (WikiText-2 raw), same block size, global
-batch and step count. Reports tokens/s for each and the ratio, peak RSS, and model-FLOPs
+batch and step count; each side runs --repeats times in alternating order and its fastest run counts. Reports tokens/s for each and the ratio, peak RSS, and model-FLOPs
 utilisation against a matmul peak measured on the same machine (nanoGPT's estimate: 6N + 12·L·H·Q·T
 FLOPs per token for a training step). Prints a table and writes JSON.
 
@@ -88,39 +88,23 @@ def flops_per_token(params: int, layers: int, width: int, block: int) -> float:
     return 6 * params + 12 * layers * width * block
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"))
-    ap.add_argument("--bpe", default=str(SHARED / "gpt2_bpe"))
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--block", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--set", action="append", default=[], help="extra llmcli --set (and TrainingArguments for the plain script)")
-    ap.add_argument("--out", default="bench-out/pretrain.json")
-    args = ap.parse_args()
-
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    extra = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key.startswith("training."):
-            import yaml
-
-            extra[key.split(".", 1)[1]] = yaml.safe_load(value)
+def _run_plain(args, extra) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "LLMCLI_CACHE": str(Path(tmp) / "cache"), "TRANSFORMERS_VERBOSITY": "error"}
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
         plain_args = dict(bpe=args.bpe, data=args.data, block=args.block, layers=args.layers, heads=args.heads, width=args.width,
                           steps=args.steps, batch=args.batch, out=str(Path(tmp) / "plain"), extra=extra)
         p = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(plain_args)], env=env, capture_output=True, text=True)
         if p.returncode:
             sys.exit(p.stderr[-3000:])
-        plain = json.loads(p.stdout.strip().splitlines()[-1])
+        return json.loads(p.stdout.strip().splitlines()[-1])
 
+
+def _run_llmcli(args) -> dict:
+    """train_runtime, params, vocab rows and peak RSS MB of one `llmcli pretrain` (as the plain script reports)."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "LLMCLI_CACHE": str(Path(tmp) / "cache"), "TRANSFORMERS_VERBOSITY": "error"}
         out = Path(tmp) / "llmcli"
         cli_args = ["pretrain", "-o", str(out), "--quiet", "--set", "task=causal-lm", "--set", f"data.train_file={args.data}",
                     "--set", f"model.tokenizer_name={args.bpe}", "--set", f"model.config_overrides.n_layer={args.layers}",
@@ -135,26 +119,63 @@ def main() -> None:
         if c.returncode:
             sys.exit(c.stderr[-3000:])
         summary = json.loads((out / "summary.json").read_text())
-        cfg = json.loads((out / "config.json").read_text())
-        from transformers import AutoModelForCausalLM
+        params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(out).parameters())
+        vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+        rss = json.loads(c.stderr.strip().splitlines()[-1])["peak_rss_mb"]
+        return {"train_runtime": summary["train_runtime_s"], "params": params, "vocab": vocab, "peak_rss_mb": rss}
 
-        llm_params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(out).parameters())
-        llm_rss = json.loads(c.stderr.strip().splitlines()[-1])["peak_rss_mb"]
+
+def _fastest(runs: list[dict]) -> dict:
+    """The run with the shortest training time: the least disturbed by whatever else the machine did."""
+    return min(runs, key=lambda r: r["train_runtime"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(SHARED / "wikitext-2-raw" / "wiki.valid.raw"))
+    ap.add_argument("--bpe", default=str(SHARED / "gpt2_bpe"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--set", action="append", default=[], help="extra llmcli --set (and TrainingArguments for the plain script)")
+    ap.add_argument("--repeats", type=int, default=2, help="run each side this many times, alternating order; report each side's fastest run (as timeit does)")
+    ap.add_argument("--out", default="bench-out/pretrain.json")
+    args = ap.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key.startswith("training."):
+            import yaml
+
+            extra[key.split(".", 1)[1]] = yaml.safe_load(value)
+    plain_runs, llmcli_runs = [], []
+    for rep in range(args.repeats):
+        order = ("plain", "llmcli") if rep % 2 == 0 else ("llmcli", "plain")
+        for side in order:
+            if side == "plain":
+                plain_runs.append(_run_plain(args, extra))
+            else:
+                llmcli_runs.append(_run_llmcli(args))
+    fastest = {"plain_trainer": _fastest(plain_runs), "llmcli": _fastest(llmcli_runs)}
 
     tokens = args.steps * args.batch * args.block
     peak = matmul_peak(device)
-    rows = {
-        "plain_trainer": {"tokens_per_s": tokens / plain["train_runtime"], "train_runtime_s": plain["train_runtime"],
-                          "params": plain["params"], "vocab": plain["vocab"], "peak_rss_mb": plain["peak_rss_mb"]},
-        "llmcli": {"tokens_per_s": tokens / summary["train_runtime_s"], "train_runtime_s": summary["train_runtime_s"],
-                   "params": llm_params, "vocab": cfg["vocab_size"], "peak_rss_mb": llm_rss},
-    }
+    rows = {name: {"tokens_per_s": tokens / r["train_runtime"], "train_runtime_s": r["train_runtime"], "params": r["params"],
+                   "vocab": r["vocab"], "peak_rss_mb": r["peak_rss_mb"]} for name, r in fastest.items()}
     for r in rows.values():
         r["mfu"] = r["tokens_per_s"] * flops_per_token(r["params"], args.layers, args.width, args.block) / peak
     report = {
         "benchmark": f"GPT-2 {args.layers}x{args.width}, block {args.block}, batch {args.batch}, {args.steps} steps on {Path(args.data).name}",
         "machine": f"{device}: " + (torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"),
-        "matmul_peak_flops": peak, "extra_settings": args.set, "results": rows,
+        "matmul_peak_flops": peak, "extra_settings": args.set, "results": rows, "repeats": args.repeats,
+        "all_runtimes_s": {"plain_trainer": [r["train_runtime"] for r in plain_runs], "llmcli": [r["train_runtime"] for r in llmcli_runs]},
         "ratio_llmcli_over_plain": rows["llmcli"]["tokens_per_s"] / rows["plain_trainer"]["tokens_per_s"],
     }
     print(f"{report['benchmark']} | {report['machine']} | matmul peak {peak / 1e9:.1f} GFLOP/s")

@@ -1,6 +1,5 @@
 """Config loading, `--set` overrides, validation errors, and every shipped config."""
 
-from pathlib import Path
 
 import pytest
 

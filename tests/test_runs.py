@@ -101,6 +101,21 @@ def test_signal_checkpoints_then_exits(cli, tmp_path, sig, code):
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 5
 
 
+def test_second_sigint_exits_at_once_keeping_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "paused"
+    proc = start(out, tmp_path, PAUSE_AT_STEP=5, PAUSE_IN_SAVE=5)  # paused after step 5
+    marker.unlink()
+    proc.send_signal(signal.SIGINT)  # first Ctrl-C: save a checkpoint at step 5 ... which pauses mid-save
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # second Ctrl-C: out now
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "second interrupt" in err.decode()
+    assert (out / "checkpoint-4" / "trainer_state.json").exists() and not (out / "checkpoint-5").exists()
+
+
 def test_save_total_limit_rotates_renamed_checkpoints(cli, tmp_path):
     out = tmp_path / "run"
     cli(*args(out, "training.save_steps=2", "training.save_total_limit=2", "training.max_steps=8"))
