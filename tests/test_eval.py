@@ -196,3 +196,18 @@ def test_masked_lm_eval_is_deterministic(cli, bert_run):
     b, _ = eval_json(cli, "--model", bert_run, "--data", TEXT)
     assert a["task"] == "masked-lm" and a["metrics"] == b["metrics"]
     assert 0 <= a["metrics"]["mlm_accuracy"] <= 1 and a["metrics"]["masked_tokens"] > 100
+
+
+def test_dataset_split_path(cli, gpt2_run, tmp_path):
+    """--dataset/--split goes through `datasets.load_dataset` as a hub id would; a local folder stands in for the Hub."""
+    folder = tmp_path / "tiny_wiki"
+    folder.mkdir()
+    docs = {"train": ["unused"], "test": [" = Title = \n", "", "ROMEO: is the day so young?\n", "JULIET: ay.\n"]}
+    for split, rows in docs.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    got, _ = eval_json(cli, "--model", gpt2_run, "--dataset", folder, "--split", "test")
+    assert got["metrics"]["bytes"] == len("\n\n".join(docs["test"]).encode()) and got["data"].endswith(":test")
+    per_doc, _ = eval_json(cli, "--model", gpt2_run, "--dataset", folder, "--split", "test", "--per-document")
+    assert per_doc["metrics"]["documents"] == 3  # the empty row is not a document
+    result = cli("eval", "--model", gpt2_run, "--dataset", folder, "--split", "validation", expect=4)
+    assert "'validation' not in" in result.stderr and "test" in result.stderr

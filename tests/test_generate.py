@@ -138,3 +138,36 @@ def test_relative_run_dir_typo_is_a_path_error(cli, tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     result = cli("generate", "--model", "runs/shakespear", "--prompt", "x", expect=2)
     assert "model path not found: runs/shakespear" in result.stderr
+
+
+def _run_on_a_terminal(args):
+    """Run the CLI with stdout on a pseudo-terminal; returns (exit code, what the terminal showed)."""
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *map(str, args)], stdout=slave, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    os.close(slave)
+    shown = b""
+    while select.select([master], [], [], 60)[0]:
+        try:
+            chunk = os.read(master, 1024)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    proc.wait(timeout=60)
+    return proc.returncode, shown.decode().replace("\r\n", "\n")
+
+
+def test_streams_one_prompt_to_a_terminal(cli, gpt2_run):
+    args = ["generate", "--model", gpt2_run, "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "16"]
+    piped = json.loads(cli(*args, "--format", "jsonl").stdout)["completion"]
+    code, shown = _run_on_a_terminal(args)
+    assert code == 0 and shown == piped + "\n"
+    stop = piped.strip()[2:4]
+    code, shown = _run_on_a_terminal([*args, "--stop", stop])
+    assert code == 0 and shown == piped[: piped.find(stop)] + "\n"
