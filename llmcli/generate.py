@@ -12,11 +12,12 @@ Data goes to stdout (or --output); diagnostics to stderr.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from llmcli import console, modeling
 from llmcli.config import Config, GenerationSection
@@ -39,7 +40,8 @@ def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = 
         raise ConfigError("generate needs a model: pass --model (hub id, model dir or llmcli run dir)")
     path = modeling.resolve_model_path(cfg.model.model_name_or_path, checkpoint)
     items = read_prompts(prompts, input_path, input_format)
-    if not items:
+    first = list(itertools.islice(items, 2))  # blocks until input arrives; enough to choose streaming
+    if not first:
         console.warn("no prompts (the input held only blank lines)")
         return 0
     model, tokenizer, kind = modeling.load_for_inference(path, cfg.model, device, dtype)
@@ -50,45 +52,48 @@ def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = 
 
     out: TextIO = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
-        if kind == "causal-lm" and _should_stream(items, output_path, output_format, g):
-            _stream_one(model, tokenizer, items[0].text, g)
-        else:
-            step = _classify_batch if kind == "classifier" else _generate_batch
-            _run_batches(model, tokenizer, items, g, step, out, output_format, kind)
+        if kind == "causal-lm" and len(first) == 1 and _should_stream(output_path, output_format, g):
+            _stream_one(model, tokenizer, first[0].text, g)
+            return 1
+        step = _classify_batch if kind == "classifier" else _generate_batch
+        return _run_batches(model, tokenizer, itertools.chain(first, items), g, step, out, output_format, kind)
     except BrokenPipeError:
         # `| head -1` closed the pipe: stop quietly (exit 0), and keep Python from complaining at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        return 0
     finally:
         if out is not sys.stdout:
             out.close()
-    return len(items)
 
 
 # --------------------------------------------------------------------------------------------
 # Input
 
 
-def read_prompts(prompts: list[str] | None, input_path: str | None, input_format: str) -> list[Prompt]:
-    """Prompts from --prompt, --input FILE ('-' = stdin), or stdin when it is piped."""
-    items = [Prompt(_unescape(p)) for p in prompts or []]
-    if input_path is None and not items and not sys.stdin.isatty():
+def read_prompts(prompts: list[str] | None, input_path: str | None, input_format: str) -> Iterator[Prompt]:
+    """Prompts from --prompt, --input FILE ('-' = stdin), or stdin when it is piped, read lazily:
+    a long or endless input (`tail -f log | llmcli generate ...`) is answered window by window."""
+    if input_path is None and not prompts and not sys.stdin.isatty():
         input_path = "-"
-    if input_path is not None:
-        if input_path == "-":
-            items += _parse_lines(sys.stdin.buffer, "<stdin>", input_format)
-        else:
-            if not os.path.isfile(input_path):
-                raise DataError(f"--input: file not found: {input_path}")
-            with open(input_path, "rb") as fh:
-                items += _parse_lines(fh, input_path, input_format)
-    if not items and input_path is None:
+    if input_path is None and not prompts:
         raise ConfigError("no prompts: pass --prompt TEXT, --input FILE, or pipe prompts on stdin")
-    return items
+    if input_path not in (None, "-") and not os.path.isfile(input_path):
+        raise DataError(f"--input: file not found: {input_path}")
+    return _prompt_stream(prompts or [], input_path, input_format)
 
 
-def _parse_lines(stream, name: str, input_format: str) -> list[Prompt]:
-    items = []
+def _prompt_stream(prompts: list[str], input_path: str | None, input_format: str) -> Iterator[Prompt]:
+    for p in prompts:
+        yield Prompt(_unescape(p))
+    if input_path == "-":
+        yield from _parse_lines(sys.stdin.buffer, "<stdin>", input_format)
+    elif input_path is not None:
+        with open(input_path, "rb") as fh:
+            yield from _parse_lines(fh, input_path, input_format)
+
+
+def _parse_lines(stream, name: str, input_format: str) -> Iterator[Prompt]:
     for line_no, raw in enumerate(stream, 1):
         try:
             line = raw.decode("utf-8")
@@ -105,10 +110,9 @@ def _parse_lines(stream, name: str, input_format: str) -> list[Prompt]:
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise DataError(f"{name}:{line_no}: expected a JSON object with a string 'prompt' field")
             text = obj.pop("prompt")
-            items.append(Prompt(text, obj))
+            yield Prompt(text, obj)
         else:
-            items.append(Prompt(_unescape(line)))
-    return items
+            yield Prompt(_unescape(line))
 
 
 def _unescape(text: str) -> str:
@@ -142,31 +146,36 @@ def _sampling(g: GenerationSection) -> bool:
     return g.do_sample if g.do_sample is not None else g.temperature > 0
 
 
-def _run_batches(model, tokenizer, items: list[Prompt], g: GenerationSection, step, out: TextIO, fmt: str, kind: str) -> None:
+def _run_batches(model, tokenizer, items: Iterable[Prompt], g: GenerationSection, step, out: TextIO, fmt: str, kind: str) -> int:
+    """Answer prompts window by window (a window is WINDOW_BATCHES batches, sorted by length inside
+    it); each window's lines are written, in input order, as soon as it is done. Returns the count."""
     import torch
 
     if g.seed is not None:
         torch.manual_seed(g.seed)
     limit = _prompt_limit(model, g, kind)
-    encoded = [tokenizer(p.text)["input_ids"] for p in items]
-    cut = sum(1 for ids in encoded if len(ids) > limit)
-    if cut:
-        console.warn(f"{cut} prompt(s) longer than {limit} tokens (the model's context less max_new_tokens) were cut from the left")
-    encoded = [ids[-limit:] if kind == "causal-lm" else ids[:limit] for ids in encoded]
-    window = g.batch_size * WINDOW_BATCHES
-    with console.progress("generate", total=len(items)) as bar:
-        for start in range(0, len(items), window):
-            idx = list(range(start, min(start + window, len(items))))
-            idx.sort(key=lambda i: len(encoded[i]))
+    window_size = g.batch_size * WINDOW_BATCHES
+    answered = cut = 0
+    items = iter(items)
+    with console.progress("generate") as bar:
+        while window := list(itertools.islice(items, window_size)):
+            encoded = [tokenizer(p.text)["input_ids"] for p in window]
+            cut += sum(1 for ids in encoded if len(ids) > limit)
+            encoded = [ids[-limit:] if kind == "causal-lm" else ids[:limit] for ids in encoded]
+            order = sorted(range(len(window)), key=lambda i: len(encoded[i]))
             results: dict[int, dict[str, Any]] = {}
-            for b in range(0, len(idx), g.batch_size):
-                batch = idx[b : b + g.batch_size]
+            for b in range(0, len(order), g.batch_size):
+                batch = order[b : b + g.batch_size]
                 for i, res in zip(batch, step(model, tokenizer, [encoded[i] for i in batch], g)):
                     results[i] = res
                 bar.advance(len(batch))
-            for i in range(start, start + len(idx)):
-                out.write(_format(items[i], results[i], fmt, kind) + "\n")
+            out.write("".join(_format(window[i], results[i], fmt, kind) + "\n" for i in range(len(window))))
             out.flush()
+            answered += len(window)
+    if cut:
+        what = "the model's context less max_new_tokens" if kind == "causal-lm" else "the model's context"
+        console.warn(f"{cut} prompt(s) longer than {limit} tokens ({what}) were cut from the {'left' if kind == 'causal-lm' else 'right'}")
+    return answered
 
 
 def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
@@ -279,8 +288,8 @@ def _format(item: Prompt, res: dict[str, Any], fmt: str, kind: str) -> str:
 # Streaming one prompt to a terminal
 
 
-def _should_stream(items: list[Prompt], output_path, fmt: str, g: GenerationSection) -> bool:
-    return len(items) == 1 and output_path is None and fmt == "text" and g.num_return_sequences == 1 and sys.stdout.isatty()
+def _should_stream(output_path, fmt: str, g: GenerationSection) -> bool:
+    return output_path is None and fmt == "text" and g.num_return_sequences == 1 and sys.stdout.isatty()
 
 
 def _stream_one(model, tokenizer, prompt: str, g: GenerationSection) -> None:

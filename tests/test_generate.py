@@ -171,3 +171,17 @@ def test_streams_one_prompt_to_a_terminal(cli, gpt2_run):
     stop = piped.strip()[2:4]
     code, shown = _run_on_a_terminal([*args, "--stop", stop])
     assert code == 0 and shown == piped[: piped.find(stop)] + "\n"
+
+
+def test_endless_stdin_is_answered_window_by_window(gpt2_run):
+    """`tail -f prompts | llmcli generate`: a window's answers come out before the input ends."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "--model", str(gpt2_run), "-b", "1", "--max-new-tokens", "3",
+                             "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"ROMEO:\nJULIET:\nKING:\nO\n")  # one window: batch size 1 x 4 batches
+    proc.stdin.flush()
+    first = [proc.stdout.readline() for _ in range(4)]  # would block forever if generate waited for EOF
+    assert all(first)
+    proc.stdin.write(b"QUEEN:\n")
+    proc.stdin.close()
+    rest = proc.stdout.read().splitlines()
+    assert proc.wait(timeout=60) == 0 and len(rest) == 1
