@@ -250,7 +250,8 @@ def _test_pause(until=lambda: False) -> None:
 
 
 class LlmcliTrainer(Trainer):
-    """Trainer with a per-step NaN/inf check (Trainer's own logging_nan_inf_filter hides them)."""
+    """Trainer with atomic checkpoints (staged, then renamed) and a per-step NaN/inf check
+    (Trainer's own logging_nan_inf_filter hides non-finite losses)."""
 
     nan_check = True
     _staging: Path | None = None

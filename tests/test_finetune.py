@@ -160,3 +160,11 @@ def test_lora_run_dir_loads_in_generate_and_eval(cli, gpt2_run, tmp_path):
     assert merged == adapter and merged.strip()
     result = cli("eval", "--model", out, "--data", FIXTURES / "shakespeare_small.txt", "--max-length", "64", "--json")
     assert json.loads(result.stdout)["task"] == "causal-lm"
+
+
+def test_finetune_dry_run_and_missing_model(cli, bert_run, tmp_path):
+    out = tmp_path / "dry"
+    result = cli("finetune", "--model", bert_run, *sets(f"data.train_file={TSV_TRAIN}"), "-o", out, "--dry-run")
+    assert "task: auto" in result.stdout and "classification" in result.stderr and not (out / "summary.json").exists()
+    result = cli("finetune", *sets(f"data.train_file={TSV_TRAIN}"), "-o", out, expect=2)
+    assert "finetune needs a pretrained model" in result.stderr
