@@ -527,9 +527,9 @@ def _check_labels(values, label2id: dict[str, int], names, split: str, col: str)
         key = label_key(value, names)
         if key not in label2id:
             known = ", ".join(list(label2id)[:20])
-            if split == "train":
-                raise DataError(f"label {value!r} (row {i + 1} of the train data) is outside the model's labels ({known})")
-            raise DataError(f"label {value!r} in the {split} data (row {i + 1}) never occurs in training; known labels: {known}")
+            if split == "validation":
+                raise DataError(f"label {value!r} in the validation data (row {i + 1}) never occurs in training; known labels: {known}")
+            raise DataError(f"label {value!r} (row {i + 1} of the {split} data) is not one of the model's labels ({known})")
 
 
 def eval_documents(data: DataSection, split: str) -> tuple[list[str], bool]:

@@ -211,3 +211,9 @@ def test_dataset_split_path(cli, gpt2_run, tmp_path):
     assert per_doc["metrics"]["documents"] == 3  # the empty row is not a document
     result = cli("eval", "--model", gpt2_run, "--dataset", folder, "--split", "validation", expect=4)
     assert "'validation' not in" in result.stderr and "test" in result.stderr
+
+
+def test_classifier_eval_with_labels_the_model_lacks(cli, classifier_run):
+    """The classifier knows negative/positive; integer labels in the file are not mapped silently."""
+    result = cli("eval", "--model", classifier_run, "--data", FIXTURES / "sentiment_dev.tsv", expect=4)
+    assert "is not one of the model's labels (negative, positive)" in result.stderr
