@@ -187,20 +187,24 @@ def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
     return context - g.max_new_tokens
 
 
-def _pad_left(tokenizer, batch: list[list[int]], device):
+def _pad(tokenizer, batch: list[list[int]], device, left: bool):
+    """Pad to the longest: left for generation (new tokens follow the prompt), right for a
+    classifier's single forward pass (absolute position embeddings must start at 0)."""
     import torch
 
     width = max(len(ids) for ids in batch)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-    return input_ids, mask
+    fill = [[pad] * (width - len(ids)) for ids in batch]
+    zeros = [[0] * (width - len(ids)) for ids in batch]
+    ids = [f + x if left else x + f for f, x in zip(fill, batch)]
+    mask = [z + [1] * len(x) if left else [1] * len(x) + z for z, x in zip(zeros, batch)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
     import torch
 
-    input_ids, mask = _pad_left(tokenizer, batch, model.device)
+    input_ids, mask = _pad(tokenizer, batch, model.device, left=True)
     kwargs = _generate_kwargs(tokenizer, g, num_return_sequences=g.num_return_sequences)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
@@ -256,7 +260,7 @@ def _finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> t
 def _classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
     import torch
 
-    input_ids, mask = _pad_left(tokenizer, batch, model.device)
+    input_ids, mask = _pad(tokenizer, batch, model.device, left=False)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
     probs = torch.softmax(logits, dim=-1).tolist()
@@ -324,7 +328,7 @@ def _stream_one(model, tokenizer, prompt: str, g: GenerationSection) -> None:
     ids = tokenizer(prompt)["input_ids"]
     if len(ids) > limit:
         console.warn(f"1 prompt(s) longer than {limit} tokens were cut from the left")
-    input_ids, mask = _pad_left(tokenizer, [ids[-limit:]], model.device)
+    input_ids, mask = _pad(tokenizer, [ids[-limit:]], model.device, left=True)
     kwargs = _generate_kwargs(tokenizer, g, streamer=StopAwareStreamer())
     with torch.inference_mode():
         model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)

@@ -185,3 +185,12 @@ def test_endless_stdin_is_answered_window_by_window(gpt2_run):
     proc.stdin.close()
     rest = proc.stdout.read().splitlines()
     assert proc.wait(timeout=60) == 0 and len(rest) == 1
+
+
+def test_classifier_scores_do_not_depend_on_the_batch(cli, classifier_run):
+    short = "the film is wonderful"
+    alone = json.loads(cli("generate", "--model", classifier_run, "--format", "jsonl", "--prompt", short).stdout)
+    batched = cli("generate", "--model", classifier_run, "--format", "jsonl", "--prompt", short,
+                  "--prompt", "honestly , the story was charming and moving and brilliant from start to finish , every scene").stdout
+    first = json.loads(batched.splitlines()[0])
+    assert first["label"] == alone["label"] and abs(first["score"] - alone["score"]) < 1e-6
