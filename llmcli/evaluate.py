@@ -265,6 +265,7 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
     raw = data.load_eval_split(cfg.data, cfg.eval.split)
     text_col, pair_col, label_col = data.classification_columns(raw, cfg.data)
     encoded = data.tokenize_classification(raw, tokenizer, label2id, cfg.data, "evaluation")
+    tokenizer.padding_side = "right"  # absolute position embeddings (BERT, GPT-2) must start at 0
     collate = DataCollatorWithPadding(tokenizer)
     preds, labels, scores = [], [], []
     bs = cfg.eval.batch_size

@@ -45,6 +45,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
             label_names = data.label_names_from(data.load_raw(cfg.data, seed), cfg.data, modeling.user_labels(model_config))
             model = modeling.build_model(cfg, task, tokenizer, model_path, label_names)
             datasets = data.classification_datasets(cfg.data, tokenizer, label_names, seed)
+            tokenizer.padding_side = "right"  # absolute position embeddings (BERT, GPT-2) must start at 0
             collator = transformers.DataCollatorWithPadding(tokenizer)
             extra = dict(compute_metrics=metrics.trainer_metrics(label_names), preprocess_logits=metrics.argmax_logits)
             console.info(f"classification into {len(label_names)} labels ({', '.join(label_names[:10])}) on {len(datasets['train']):,} examples")
