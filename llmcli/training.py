@@ -266,6 +266,8 @@ class LlmcliTrainer(Trainer):
             super()._save_checkpoint(model, trial)  # writes into .staging/ (see _get_output_dir); its rotation finds nothing there
         finally:
             self._staging = None
+        # every rank writes its own RNG state file into the staged dir: rename only once all are done
+        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
             return
         staged, final = run_dir / runs.STAGING_DIR / name, run_dir / name

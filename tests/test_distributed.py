@@ -31,6 +31,8 @@ def test_two_processes_match_one_process(cli, tmp_path):
     assert s2["train_tokens"] == s1["train_tokens"] == 8 * 8 * 32  # global batch = 2 x per-device 4
     assert abs(s2["eval_loss"] - s1["eval_loss"]) / s1["eval_loss"] < 1e-3
     assert layout(one) == layout(two)
+    # each rank's RNG state made it into the renamed checkpoint (a resumed rank 1 gets its own back)
+    assert {p.name for p in (two / "checkpoint-8").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert proc.stderr.count("built gpt2 from scratch") == 1  # only the main process talks
     entries = os.listdir(tmp_path / "cache" / "tokenized")
     assert len(entries) == 1 and not any(e.startswith(".") for e in entries)  # tokenized once, no leftovers
@@ -70,3 +72,23 @@ def test_cache_key_follows_the_tokenizer(cli, tmp_path, monkeypatch):
     other = cli("pretrain", *sets(*base, "model.vocab_size=280"), "-o", tmp_path / "c").stderr
     assert "training a bpe tokenizer (vocab_size=280)" in other and "cache miss" in other
     assert len(os.listdir(tmp_path / "cache" / "tokenized")) == 2
+
+
+def _launch(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_finetune_and_eval_under_two_processes(bert_run, tmp_path):
+    out = tmp_path / "clf"
+    proc = _launch("finetune", "--model", bert_run, *sets(f"data.train_file={FIXTURES / 'sentiment_train.tsv'}",
+                   f"data.validation_file={FIXTURES / 'sentiment_dev.tsv'}", "training.max_steps=4",
+                   "training.per_device_train_batch_size=4"), "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "classification" and sum(c["support"] for c in summary["eval_per_class"].values()) == 40
+    proc = _launch("eval", "--model", out, "--data", FIXTURES / "sentiment_dev.tsv", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["metrics"]["examples"] == 40  # reported once, by the main process
