@@ -289,7 +289,7 @@ def _admits_str_not_bool(annotation) -> bool:
 def dump_resolved(cfg: Config, path: Path, provenance: dict[str, Any] | None = None) -> None:
     """Write the resolved config atomically as YAML; provenance goes in leading comments so the
     file stays a valid `--config` for a later run."""
+    from llmcli.runs import atomic_write_text
+
     header = "".join(f"# {k}: {v}\n" for k, v in (provenance or {}).items())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

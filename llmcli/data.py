@@ -16,14 +16,13 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from llmcli import console
 from llmcli.config import DataSection
 from llmcli.errors import DataError
-from llmcli.runs import main_process_first
+from llmcli.runs import main_process_first, publish_dir
 
 CACHE_VERSION = 1
 TEXT_EXTS = {".txt", ".text", ".raw", ".tokens"}
@@ -257,27 +256,21 @@ def cached(parts: dict[str, Any], data: DataSection, build: Callable[[], Any], w
     """
     from datasets import load_from_disk
 
-    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    root = cache_root(data) / "tokenized"
-    final = root / key
+    final = cache_entry(data, "tokenized", parts)
     with main_process_first():
         if (final / "llmcli-complete").exists():
             console.info(f"tokenized cache hit: {what} from {final}")
             return load_from_disk(str(final))
         console.info(f"tokenizing {what} (cache miss; will be stored in {final})")
         ds = build()
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-        (tmp / "llmcli-complete").write_text(json.dumps(parts, default=str))
-        if final.exists():  # a stale, incomplete entry (no marker), or another process won the race
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(final, lambda tmp: ds.save_to_disk(str(tmp)), json.dumps(parts, default=str))
     return load_from_disk(str(final))
+
+
+def cache_entry(data: DataSection, kind: str, parts: dict[str, Any]) -> Path:
+    """The cache dir for an artefact of `kind` ('tokenized', 'tokenizers') made from `parts`."""
+    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_root(data) / kind / key
 
 
 def _num_proc(data: DataSection) -> int | None:

@@ -10,17 +10,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from llmcli import console
 from llmcli.config import Config, ModelSection
 from llmcli.errors import ConfigError
-from llmcli.runs import holds_finished_run, latest_checkpoint, list_checkpoints, main_process_first
+from llmcli.runs import holds_finished_run, latest_checkpoint, list_checkpoints, main_process_first, publish_dir
 
 GPT_SPECIAL = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -163,13 +161,12 @@ def train_tokenizer(cfg: Config, masked: bool):
     kind = "wordpiece" if masked else "bpe"
     parts = {"source": data_mod.source_fingerprint(cfg.data), "vocab_size": cfg.model.vocab_size, "kind": kind,
              "text_column": cfg.data.text_column, "seed": cfg.training.model_dump().get("seed", 42)}
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    final = data_mod.cache_root(cfg.data) / "tokenizers" / key
+    final = data_mod.cache_entry(cfg.data, "tokenizers", parts)
     with main_process_first():  # under accelerate, rank 0 trains it and the others read the cache
-        return _train_or_load_tokenizer(cfg, kind, parts, key, final)
+        return _train_or_load_tokenizer(cfg, kind, parts, final)
 
 
-def _train_or_load_tokenizer(cfg: Config, kind: str, parts: dict, key: str, final: Path):
+def _train_or_load_tokenizer(cfg: Config, kind: str, parts: dict, final: Path):
     from llmcli import data as data_mod
 
     if (final / "llmcli-complete").exists():
@@ -198,13 +195,7 @@ def _train_or_load_tokenizer(cfg: Config, kind: str, parts: dict, key: str, fina
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
         )
-    tmp = final.with_name(f".{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok.save(str(tmp / "tokenizer.json"))
-    (tmp / "llmcli-complete").write_text(json.dumps(parts, default=str))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    publish_dir(final, lambda tmp: tok.save(str(tmp / "tokenizer.json")), json.dumps(parts, default=str))
     return _wrap_tokenizer(final, kind)
 
 

@@ -239,9 +239,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue  # a line cut short by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(x + "\n" for x in kept))
 
 
 def resume_step(checkpoint: Path | None) -> int | None:
@@ -254,10 +252,30 @@ def resume_step(checkpoint: Path | None) -> int | None:
 # Files in the run dir
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it into place: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def publish_dir(final: Path, write, marker: str) -> None:
+    """Fill a temporary dir with `write(tmp)`, add the completion marker, rename it to `final`:
+    a killed writer never leaves a dir that a reader trusts (readers check the marker)."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / "llmcli-complete").write_text(marker)
+    shutil.rmtree(final, ignore_errors=True)  # a stale entry without a marker, or a racing writer's
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(obj):
