@@ -30,7 +30,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     model_path = modeling.resolve_model_path(cfg.model.model_name_or_path)
     model_config = modeling.load_pretrained_config(model_path, cfg.model)
     data.source_fingerprint(cfg.data)
-    task = _task(cfg, model_config.model_type)
+    task = _task(cfg, model_config.model_type, training.seed_of(cfg))
     if dry_run:
         return training.dry_run(cfg, "finetune", task, model_path)
 
@@ -55,14 +55,9 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
             collator = transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
             console.info(f"prompt/completion fine-tuning on {len(datasets['train']):,} pairs (loss on completions only)")
         else:
-            masked = task == "masked-lm"
             model = modeling.build_model(cfg, task, tokenizer, model_path)
-            block_size = cfg.data.block_size or modeling.default_block_size(model.config, tokenizer)
-            modeling.check_block_size(model.config, block_size)
-            datasets = data.lm_datasets(cfg.data, tokenizer, block_size, masked=masked, seed=seed)
-            collator = (transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
-                        if masked else transformers.default_data_collator)
-            console.info(f"{task} fine-tuning on {len(datasets['train']):,} blocks of {block_size} tokens")
+            datasets, collator, about = training.lm_data(cfg, model, tokenizer, task == "masked-lm", seed)
+            console.info(f"{task} fine-tuning on {about}")
         if cfg.peft is not None:
             model = _add_lora(model, cfg, task)
 
@@ -77,15 +72,14 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train, **extra)
 
 
-def _task(cfg: Config, model_type: str) -> str:
+def _task(cfg: Config, model_type: str, seed: int) -> str:
     if cfg.task != "auto":
         return cfg.task
     if cfg.data.label_column:
         return "classification"
     if cfg.data.prompt_column or cfg.data.completion_column:
         return "causal-lm"
-    raw = data.load_raw(cfg.data, 42, hold_out=False)
-    columns = next(iter(raw.values())).column_names
+    columns = next(iter(data.load_raw(cfg.data, seed).values())).column_names
     if "label" in columns or "labels" in columns:
         return "classification"
     return "masked-lm" if modeling.is_masked_lm_type(model_type) else "causal-lm"

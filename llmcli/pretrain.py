@@ -25,6 +25,8 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     model_type = modeling.load_pretrained_config(model_path, cfg.model).model_type if model_path else cfg.model.model_type
     task = modeling.lm_task(cfg, model_type)
     data.source_fingerprint(cfg.data)  # resolves data files now, so a missing one fails before anything else
+    if cfg.data.streaming and not (cfg.model.tokenizer_name or model_path):
+        raise ConfigError("data.streaming=true needs model.tokenizer_name (a tokenizer is not trained on a stream)")
     if dry_run:
         return training.dry_run(cfg, "pretrain", task, model_path)
 
@@ -34,20 +36,8 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         seed = training.seed_of(cfg)
         transformers.set_seed(seed)
         masked = task == "masked-lm"
-        if cfg.data.streaming and not (cfg.model.tokenizer_name or model_path):
-            raise ConfigError("data.streaming=true needs model.tokenizer_name (a tokenizer is not trained on a stream)")
         tokenizer = modeling.load_tokenizer(cfg, model_path, masked=masked)
         model = modeling.build_model(cfg, task, tokenizer, model_path)
-        block_size = cfg.data.block_size or modeling.default_block_size(model.config, tokenizer)
-        modeling.check_block_size(model.config, block_size)
-        datasets = data.lm_datasets(cfg.data, tokenizer, block_size, masked=masked, seed=seed)
-        train_size = "streamed" if cfg.data.streaming else f"{len(datasets['train']):,}"
-        console.info(
-            f"{task} on {train_size} blocks of {block_size} tokens"
-            + (f", validating on {len(datasets['validation']):,}" if "validation" in datasets else "")
-        )
-        if masked:
-            collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
-        else:
-            collator = transformers.default_data_collator
+        datasets, collator, about = training.lm_data(cfg, model, tokenizer, masked, seed)
+        console.info(f"{task} on {about}")
         return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task)

@@ -38,6 +38,28 @@ def output_dir_of(cfg: Config) -> Path:
     return Path(cfg.training.output_dir)
 
 
+def lm_data(cfg: Config, model, tokenizer, masked: bool, seed: int):
+    """Language-modelling blocks and their collator, shared by pretrain and causal/masked finetune.
+
+    Returns (datasets, collator, a one-line description for the log)."""
+    from transformers import DataCollatorForLanguageModeling, default_data_collator
+
+    from llmcli import data, modeling
+
+    block_size = cfg.data.block_size or modeling.default_block_size(model.config, tokenizer)
+    modeling.check_block_size(model.config, block_size)
+    datasets = data.lm_datasets(cfg.data, tokenizer, block_size, masked=masked, seed=seed)
+    if masked:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.data.mlm_probability)
+    else:
+        collator = default_data_collator  # blocks are full length and carry their labels (run_clm.py)
+    size = "streamed" if cfg.data.streaming else f"{len(datasets['train']):,}"
+    about = f"{size} blocks of {block_size} tokens"
+    if "validation" in datasets:
+        about += f", validating on {len(datasets['validation']):,}"
+    return datasets, collator, about
+
+
 class RunDir:
     """Lock the run dir (main process only), pick the checkpoint to resume from, save config.yaml."""
 
