@@ -61,7 +61,9 @@ def main_callback(
 def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
     """Run a command body; map errors to one-line messages and exit codes."""
     # under accelerate/torchrun only the main process talks; errors still print on every rank
-    console.configure(quiet=quiet or int(os.environ.get("RANK", "0")) != 0, debug=debug)
+    from llmcli.runs import is_main_process  # stdlib-only module: --help stays fast
+
+    console.configure(quiet=quiet or not is_main_process(), debug=debug)
     _quiet_libraries(debug)
     try:
         return fn()

@@ -172,12 +172,7 @@ def _load_files(files: list[str], data: DataSection, key: str):
 
     for f in files:
         check_file(f)
-    builder = builder_for(files[0], key)
-    kwargs: dict[str, Any] = {}
-    if builder == "text":
-        kwargs["keep_linebreaks"] = data.keep_linebreaks
-    if builder == "csv" and Path(files[0]).suffix.lower() == ".tsv":
-        kwargs.update(delimiter="\t", quoting=3)  # GLUE-style TSV: no quote characters
+    builder, kwargs = _builder(files, data, key)
     try:
         ds = load_dataset(builder, data_files={"data": files}, split="data", **kwargs)
     except Exception as err:  # the builders raise many kinds; name the files
@@ -189,6 +184,17 @@ def _load_files(files: list[str], data: DataSection, key: str):
         if len(ds) == 0:
             raise DataError(f"data.{key}: {', '.join(files)} holds only blank lines")
     return ds
+
+
+def _builder(files: list[str], data: DataSection, key: str) -> tuple[str, dict[str, Any]]:
+    """The `datasets` builder for these files and its options."""
+    builder = builder_for(files[0], key)
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        kwargs["keep_linebreaks"] = data.keep_linebreaks
+    if builder == "csv" and Path(files[0]).suffix.lower() == ".tsv":
+        kwargs.update(delimiter="\t", quoting=3)  # GLUE-style TSV: no quote characters
+    return builder, kwargs
 
 
 def _load_hub(data: DataSection):
@@ -349,10 +355,7 @@ def _streaming_lm(data: DataSection, tokenizer, block_size: int, masked: bool, s
 
     if data.train_file:
         files = resolve_files(data.train_file, "train_file")
-        builder = builder_for(files[0], "train_file")
-        kwargs: dict[str, Any] = {"keep_linebreaks": data.keep_linebreaks} if builder == "text" else {}
-        if builder == "csv" and Path(files[0]).suffix.lower() == ".tsv":
-            kwargs.update(delimiter="\t", quoting=3)
+        builder, kwargs = _builder(files, data, "train_file")
         stream = load_dataset(builder, data_files={"train": files}, split="train", streaming=True, **kwargs)
     elif data.dataset_name:
         stream = load_dataset(data.dataset_name, data.dataset_config_name, split=data.train_split, streaming=True)

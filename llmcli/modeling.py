@@ -124,10 +124,7 @@ def load_tokenizer(cfg: Config, model_path: str | None, masked: bool = False):
     name = cfg.model.tokenizer_name or model_path
     if name is None:
         return train_tokenizer(cfg, masked)
-    tok = _load_tokenizer(name, cfg.model)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token  # GPT-2 has no pad token; batching needs one
-    return tok
+    return load_tokenizer_for(name, cfg.model)
 
 
 def _load_tokenizer(name: str, m: ModelSection):
@@ -248,11 +245,7 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     config = load_pretrained_config(model_path, m)
     if m.config_overrides:
         _apply_overrides(config, m.config_overrides)
-    kwargs: dict[str, Any] = {"config": config, "trust_remote_code": m.trust_remote_code, "revision": m.revision}
-    if not m.allow_pickle:
-        kwargs["use_safetensors"] = True
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
+    kwargs = _load_kwargs(m, config=config)
     if task == "classification":
         _set_labels(config, label_names)
         if config.pad_token_id is None and tokenizer.pad_token_id is not None:
@@ -263,6 +256,16 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
         raise ConfigError(f"could not load model '{model_path}': {_first_line(err)}") from None
     check_vocab(model, tokenizer)
     return model
+
+
+def _load_kwargs(m: ModelSection, **extra) -> dict[str, Any]:
+    """from_pretrained options: safetensors only unless allow_pickle, remote code only if trusted."""
+    kwargs: dict[str, Any] = {"trust_remote_code": m.trust_remote_code, "revision": m.revision, **extra}
+    if not m.allow_pickle:
+        kwargs["use_safetensors"] = True
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    return kwargs
 
 
 def _auto_class(task: str):
@@ -390,11 +393,7 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
         config = load_pretrained_config(path, m)
         kind = model_kind(config)
         tokenizer = load_tokenizer_for(path, m)
-        kwargs: dict[str, Any] = {"trust_remote_code": m.trust_remote_code, "revision": m.revision, "dtype": torch_dtype}
-        if not m.allow_pickle:
-            kwargs["use_safetensors"] = True
-        if m.attn_implementation:
-            kwargs["attn_implementation"] = m.attn_implementation
+        kwargs = _load_kwargs(m, dtype=torch_dtype)
         head = _auto_class("classification" if kind == "classifier" else kind)
         try:
             model = head.from_pretrained(path, **kwargs)
@@ -407,9 +406,10 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
 
 
 def load_tokenizer_for(path: str, m: ModelSection):
+    """`model.tokenizer_name`, else the tokenizer saved with the model at `path`."""
     tok = _load_tokenizer(m.tokenizer_name or path, m)
     if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token  # GPT-2 has no pad token; batching needs one
     return tok
 
 
