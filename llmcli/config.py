@@ -116,6 +116,15 @@ class LaunchSection(_Section):
     config_file: str | None = Field(None, description="An accelerate config file (configs/accelerate/*.yaml).")
 
 
+# The sections each command reads (the rest of a shared config is ignored by that command).
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("task", "model", "data", "training", "launch"),
+    "finetune": ("task", "model", "data", "training", "peft", "launch"),
+    "generate": ("model", "generation"),
+    "eval": ("model", "data", "eval", "launch"),
+}
+
+
 class Config(_Section):
     task: Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels.")
     model: ModelSection = Field(default_factory=ModelSection)

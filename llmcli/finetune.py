@@ -21,7 +21,8 @@ from llmcli.config import Config
 from llmcli.errors import ConfigError
 
 
-def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False) -> dict[str, Any]:
+def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
+    """The whole command; `callbacks` are extra TrainerCallbacks (sweeps add a pruning one)."""
     from llmcli import training
 
     training.output_dir_of(cfg)
@@ -69,7 +70,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
                 out["merged_model"] = str(_save_merged(trainer.model, tokenizer, run_dir.path))
             return out
 
-        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train, **extra)
+        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train, callbacks=callbacks, **extra)
 
 
 def _task(cfg: Config, model_type: str, seed: int) -> str:

@@ -17,7 +17,8 @@ from llmcli.config import Config
 from llmcli.errors import ConfigError
 
 
-def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False) -> dict[str, Any]:
+def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
+    """The whole command; `callbacks` are extra TrainerCallbacks (sweeps add a pruning one)."""
     from llmcli import training
 
     training.output_dir_of(cfg)  # a missing output_dir is a config error before anything else
@@ -40,4 +41,4 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         model = modeling.build_model(cfg, task, tokenizer, model_path)
         datasets, collator, about = training.lm_data(cfg, model, tokenizer, masked, seed)
         console.info(f"{task} on {about}")
-        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task)
+        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, callbacks=callbacks)

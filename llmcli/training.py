@@ -175,6 +175,7 @@ def fit(
     compute_metrics: Callable | None = None,
     preprocess_logits: Callable | None = None,
     after_train: Callable[[Any], dict[str, Any]] | None = None,
+    callbacks: tuple = (),
 ) -> dict[str, Any]:
     """Train, evaluate, save and summarise. Returns the summary dict (also in summary.json).
 
@@ -185,7 +186,7 @@ def fit(
     eval_ds = datasets.get("validation") if hasattr(datasets, "get") else None
     args = training_arguments(cfg, has_eval=eval_ds is not None)
     guard = GracefulStop()
-    callbacks = [MetricsLog(run.path, task), ConsoleProgress(task), guard]
+    callbacks = [MetricsLog(run.path, task), ConsoleProgress(task), guard, *callbacks]
     if cfg.training.early_stopping_patience:
         if not args.load_best_model_at_end:
             raise ConfigError("training.early_stopping_patience needs training.load_best_model_at_end=true (and matching eval/save strategies)")
