@@ -61,7 +61,7 @@ def main_callback(
 def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
     """Run a command body; map errors to one-line messages and exit codes."""
     # under accelerate/torchrun only the main process talks; errors still print on every rank
-    from llmcli.runs import is_main_process  # stdlib-only module: --help stays fast
+    from llmcli.dist import is_main_process  # stdlib-only module: --help stays fast
 
     console.configure(quiet=quiet or not is_main_process(), debug=debug)
     _quiet_libraries(debug)
@@ -110,28 +110,16 @@ def _overrides(sets: Optional[list[str]], output_dir: Optional[str] = None, **fl
     return out
 
 
-_NOISY = ("_runtime", "_samples_per_second", "_steps_per_second", "num_input_tokens_seen", "_per_class", "confusion_matrix")
-
-
-def _train_command(module: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, extra=()):
+def _train_command(command: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, extra=()):
     def body():
-        import importlib
-
+        from llmcli import finetune, launch, pretrain
         from llmcli.config import load_config
 
-        cfg = load_config(config, _overrides(sets, output_dir) + list(extra))
-        mod = importlib.import_module(f"llmcli.{module}")
-        if (cfg.launch.num_processes > 1 or cfg.launch.config_file) and not dry_run:
-            from llmcli import launch
-
-            launch.relaunch(cfg)
-        summary = mod.run(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
-        if not dry_run and summary:
-            from llmcli.runs import is_main_process
-
-            if is_main_process():
-                shown = [(k, v) for k, v in summary.items() if v is not None and not k.endswith(_NOISY)]
-                console.table(f"{module} finished: {cfg.training.output_dir}", shown)
+        module = {"pretrain": pretrain, "finetune": finetune}[command]
+        cfg = load_config(config, _overrides(sets, output_dir) + list(extra), command=command)
+        if launch.wanted(cfg) and not dry_run:
+            raise typer.Exit(launch.relaunch(cfg))
+        module.run(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
 
     _invoke(body, quiet, debug)
 
@@ -192,7 +180,7 @@ def generate(
             "generation.num_return_sequences": num_return_sequences, "generation.do_sample": do_sample,
             "generation.seed": seed, "generation.batch_size": batch_size,
         }
-        cfg = load_config(config, _overrides(set_, None, **flags), check_training=False)
+        cfg = load_config(config, _overrides(set_, None, **flags), command="generate")
         if stop:
             cfg.generation.stop = list(stop)
         gen.run(cfg, prompts=prompt, input_path=input_, input_format=input_format.value, output_format=format_.value,
@@ -240,7 +228,7 @@ def eval_(
         if dataset is not None:
             sets += ["data.train_file=null", "data.validation_file=null"]
         sets += [f"eval.fail_under.{g}" for g in fail_under or []] + [f"eval.fail_over.{g}" for g in fail_over or []]
-        cfg = load_config(config, _overrides(sets, None, **flags), check_training=False)
+        cfg = load_config(config, _overrides(sets, None, **flags), command="eval")
         evaluate.run(cfg, checkpoint=checkpoint, as_json=json_, output_path=output, errors_path=errors, device=device, dtype=dtype)
 
     _invoke(body, quiet or json_, debug)

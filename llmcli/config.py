@@ -20,8 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmcli.errors import ConfigError
-
-Task = Literal["auto", "causal-lm", "masked-lm", "classification"]
+from llmcli.tasks import Task
 
 
 class _Section(BaseModel):
@@ -74,9 +73,11 @@ class TrainingSection(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1, description="llmcli: stop after this many evaluations without improvement.")
     early_stopping_threshold: float = Field(0.0, ge=0, description="llmcli: minimum improvement that resets the patience counter.")
     nan_check: bool = Field(True, description="llmcli: stop with exit 1 on a NaN/inf loss, keeping the last good checkpoint.")
+    callbacks: list[str] = Field(default_factory=list, description="llmcli: your own TrainerCallback classes as 'module:Class' (built with no arguments).")
+    seed: int = Field(42, description="Seed for model init, data order, held-out split and tokenizer training (TrainingArguments field).")
     include_num_input_tokens_seen: str | bool = Field("non_padding", description="Count tokens for tokens/s (TrainingArguments field).")
 
-    LLMCLI_KEYS: ClassVar[frozenset] = frozenset({"early_stopping_patience", "early_stopping_threshold", "nan_check"})
+    LLMCLI_KEYS: ClassVar[frozenset] = frozenset({"early_stopping_patience", "early_stopping_threshold", "nan_check", "callbacks"})
 
 
 class PeftSection(_Section):
@@ -125,8 +126,12 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Sections a training config may carry for later `generate`/`eval` runs of its model, unread by training.
+CARRIED_SECTIONS = ("generation", "eval")
+
+
 class Config(_Section):
-    task: Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels.")
+    task: Literal["auto"] | Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels.")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -150,21 +155,61 @@ class Config(_Section):
 # Loading
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), check_training: bool = True) -> Config:
-    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError (exit 2)."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None) -> Config:
+    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError (exit 2).
+
+    With `command`, sections that command does not read are checked (`check_sections`) and, when
+    it reads `training:`, those keys are checked against the task's arguments class; without one
+    (reading a run's saved config) only the schema is checked."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
+    file_sections = set(raw)
+    set_sections = set()
     for item in overrides:
         keys, value = parse_override(item)
         _set_dotted(raw, keys, value)
+        set_sections.add(keys[0])
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
-    if check_training:
-        cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump()))
+    if command is None:
+        return cfg
+    check_sections(cfg, command, file_sections, set_sections)
+    if "training" in COMMAND_SECTIONS[command]:
+        from llmcli import tasks
+
+        cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump(), tasks.args_class(cfg.task)))
+        for ref in cfg.training.callbacks:  # fail before the run dir is touched
+            tasks.callback_class(ref)
     return cfg
+
+
+def check_sections(cfg: Config, command: str, file_sections: set[str], set_sections: set[str]) -> None:
+    """A section the command does not read is an error when set on its command line (`--set`) or,
+    for training commands, in the config file (e.g. `peft:` in a pretrain config would be silently
+    ignored); `generation:`/`eval:` may ride along in training configs for later commands.
+    `generate`/`eval` often take a run's whole config.yaml: there, unread sections get one warning."""
+    reads = COMMAND_SECTIONS[command]
+    unread = [name for name in Config.model_fields if name not in reads and _is_set(cfg, name)]
+    for name in unread:
+        if name in set_sections:
+            raise ConfigError(f"--set {name}.…: `llmcli {command}` does not read the '{name}' section (it reads {', '.join(reads)})")
+    training = "training" in reads
+    refused = [n for n in unread if n in file_sections and training and n not in CARRIED_SECTIONS]
+    if refused:
+        raise ConfigError(f"config section '{refused[0]}' is not read by `llmcli {command}` (it reads {', '.join(reads)}); remove it")
+    ignored = [n for n in unread if n in file_sections and not training]
+    if ignored:
+        from llmcli import console
+
+        console.warn(f"`llmcli {command}` reads only {', '.join(reads)} from the config; ignoring {', '.join(ignored)}")
+
+
+def _is_set(cfg: Config, name: str) -> bool:
+    field = Config.model_fields[name]
+    return getattr(cfg, name) != field.get_default(call_default_factory=True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -253,8 +298,9 @@ def _section_model(path: list[str]):
     return model
 
 
-def check_training_keys(training: dict[str, Any]) -> dict[str, Any]:
-    """Check every `training:` key against `TrainingArguments`' fields and declared types.
+def check_training_keys(training: dict[str, Any], args_cls: type | None = None) -> dict[str, Any]:
+    """Check every `training:` key against the fields and declared types of `args_cls`
+    (TrainingArguments, or a subclass such as TRL's DPOConfig).
 
     Returns the dict with values converted where YAML gave a string for a number
     (PyYAML reads `5e-4` as a string).
@@ -263,16 +309,18 @@ def check_training_keys(training: dict[str, Any]) -> dict[str, Any]:
     import typing
 
     from pydantic import TypeAdapter
-    from transformers import TrainingArguments
 
-    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    hints = typing.get_type_hints(TrainingArguments)
+    if args_cls is None:
+        from transformers import TrainingArguments as args_cls
+
+    fields = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    hints = typing.get_type_hints(args_cls)
     out = dict(training)
     for key, value in training.items():
         if key in TrainingSection.LLMCLI_KEYS:
             continue
         if key not in fields:
-            raise ConfigError(f"unknown config key 'training.{key}': not a TrainingArguments field{_suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
+            raise ConfigError(f"unknown config key 'training.{key}': not a {args_cls.__name__} field{_suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
         if value is None:
             continue
         if isinstance(value, bool) and _admits_str_not_bool(hints[key]):
@@ -298,7 +346,7 @@ def _admits_str_not_bool(annotation) -> bool:
 def dump_resolved(cfg: Config, path: Path, provenance: dict[str, Any] | None = None) -> None:
     """Write the resolved config atomically as YAML; provenance goes in leading comments so the
     file stays a valid `--config` for a later run."""
-    from llmcli.runs import atomic_write_text
+    from llmcli.files import atomic_write_text
 
     header = "".join(f"# {k}: {v}\n" for k, v in (provenance or {}).items())
     atomic_write_text(path, header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

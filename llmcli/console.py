@@ -70,6 +70,18 @@ def table(title: str, rows: list[tuple[str, Any]], to_stderr: bool = False) -> N
         stream.flush()
 
 
+_NOISY = ("_runtime", "_samples_per_second", "_steps_per_second", "num_input_tokens_seen", "_per_class", "confusion_matrix")
+
+
+def summary_table(command: str, run_dir: str, summary: dict[str, Any]) -> None:
+    """A training command's closing table (main process only; noisy keys left to summary.json)."""
+    from llmcli.dist import is_main_process
+
+    if is_main_process():
+        shown = [(k, v) for k, v in summary.items() if v is not None and not k.endswith(_NOISY)]
+        table(f"{command} finished: {run_dir}", shown)
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):

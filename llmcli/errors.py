@@ -54,3 +54,9 @@ class Interrupted(LlmcliError):
         import signal
 
         super().__init__(message, EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message, for one-line errors that name the cause."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

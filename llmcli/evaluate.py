@@ -57,7 +57,7 @@ def run(cfg: Config, checkpoint: str | None = None, as_json: bool = False, outpu
     else:
         result_metrics, protocol = _eval_causal_lm(model, tokenizer, cfg)
 
-    from llmcli.runs import is_main_process
+    from llmcli.dist import is_main_process
 
     if not is_main_process():
         return {}  # under accelerate every rank computes the same numbers; the main process reports them

@@ -16,82 +16,61 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmcli import console, data, metrics, modeling
+from llmcli import console, data, metrics, modeling, tasks
 from llmcli.config import Config
 from llmcli.errors import ConfigError
+from llmcli.runs import RunDir, output_dir_of
+from llmcli.sources import RawData, source_fingerprint
+from llmcli.tasks import Task
 
 
 def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
     """The whole command; `callbacks` are extra TrainerCallbacks (sweeps add a pruning one)."""
-    from llmcli import training
-
-    training.output_dir_of(cfg)
+    output_dir_of(cfg)
     if not cfg.model.model_name_or_path:
         raise ConfigError("finetune needs a pretrained model: set model.model_name_or_path or pass --model")
     model_path = modeling.resolve_model_path(cfg.model.model_name_or_path)
     model_config = modeling.load_pretrained_config(model_path, cfg.model)
-    data.source_fingerprint(cfg.data)
-    task = _task(cfg, model_config.model_type, training.seed_of(cfg))
+    source_fingerprint(cfg.data)
+    raw = RawData(cfg.data, cfg.training.seed)  # loaded on first use, once for the whole command
+    d = cfg.data
+    task, fmt = tasks.resolve_task(cfg.task, "finetune", model_config.model_type, raw.columns,
+                                   prompt_columns_set=bool(d.prompt_column or d.completion_column),
+                                   label_column_set=bool(d.label_column))
+    from llmcli import training
+
     if dry_run:
         return training.dry_run(cfg, "finetune", task, model_path)
 
-    with training.RunDir(cfg, resume, overwrite) as run_dir:
+    with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
+        if run_dir.finished is not None:
+            return run_dir.finished
         import transformers
 
-        seed = training.seed_of(cfg)
-        transformers.set_seed(seed)
-        tokenizer = modeling.load_tokenizer(cfg, model_path)
-        extra: dict[str, Any] = {}
-        if task == "classification":
-            label_names = data.label_names_from(data.load_raw(cfg.data, seed), cfg.data, modeling.user_labels(model_config))
-            model = modeling.build_model(cfg, task, tokenizer, model_path, label_names)
-            datasets = data.classification_datasets(cfg.data, tokenizer, label_names, seed)
-            tokenizer.padding_side = "right"  # absolute position embeddings (BERT, GPT-2) must start at 0
-            collator = transformers.DataCollatorWithPadding(tokenizer)
-            extra = dict(compute_metrics=metrics.trainer_metrics(label_names), preprocess_logits=metrics.argmax_logits)
-            console.info(f"classification into {len(label_names)} labels ({', '.join(label_names[:10])}) on {len(datasets['train']):,} examples")
-        elif _is_instruction_data(cfg, seed):
-            model = modeling.build_model(cfg, task, tokenizer, model_path)
-            datasets = data.instruction_datasets(cfg.data, tokenizer, seed)
-            collator = transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-            console.info(f"prompt/completion fine-tuning on {len(datasets['train']):,} pairs (loss on completions only)")
-        else:
-            model = modeling.build_model(cfg, task, tokenizer, model_path)
-            datasets, collator, about = training.lm_data(cfg, model, tokenizer, task == "masked-lm", seed)
-            console.info(f"{task} fine-tuning on {about}")
+        from llmcli import tokenization
+
+        transformers.set_seed(cfg.training.seed)
+        tokenizer = tokenization.load_tokenizer(cfg, model_path, raw)
+        label_names = data.label_names_from(raw, modeling.user_labels(model_config)) if task == Task.CLASSIFICATION else None
+        model = modeling.build_model(cfg, task, tokenizer, model_path, label_names)
+        datasets, about = data.datasets_for(task, fmt, raw, model, tokenizer, label_names)
+        console.info(about)
+        collator = tasks.collator(task, fmt, tokenizer, cfg.data.mlm_probability)
         if cfg.peft is not None:
             model = _add_lora(model, cfg, task)
 
         def after_train(trainer) -> dict[str, Any]:
             out: dict[str, Any] = {}
-            if task == "classification" and "validation" in datasets:
+            if task == Task.CLASSIFICATION and "validation" in datasets:
                 out.update(_classification_report(trainer, datasets["validation"], label_names, run_dir.path))
             if cfg.peft is not None and cfg.peft.merge and trainer.is_world_process_zero():
                 out["merged_model"] = str(_save_merged(trainer.model, tokenizer, run_dir.path))
             return out
 
-        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train, callbacks=callbacks, **extra)
-
-
-def _task(cfg: Config, model_type: str, seed: int) -> str:
-    if cfg.task != "auto":
-        return cfg.task
-    if cfg.data.label_column:
-        return "classification"
-    if cfg.data.prompt_column or cfg.data.completion_column:
-        return "causal-lm"
-    columns = next(iter(data.load_raw(cfg.data, seed).values())).column_names
-    if "label" in columns or "labels" in columns:
-        return "classification"
-    return "masked-lm" if modeling.is_masked_lm_type(model_type) else "causal-lm"
-
-
-def _is_instruction_data(cfg: Config, seed: int) -> bool:
-    if cfg.data.prompt_column or cfg.data.completion_column:
-        return True
-    raw = data.load_raw(cfg.data, seed)
-    columns = next(iter(raw.values())).column_names
-    return "prompt" in columns and "completion" in columns
+        summary = training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train,
+                               callbacks=callbacks, **tasks.metric_functions(task, label_names))
+    console.summary_table("finetune", cfg.training.output_dir, summary)
+    return summary
 
 
 def _add_lora(model, cfg: Config, task: str):
@@ -100,7 +79,7 @@ def _add_lora(model, cfg: Config, task: str):
     except ImportError:
         raise ConfigError("peft: LoRA needs the peft package: pip install 'llmcli[peft]'") from None
     p = cfg.peft
-    task_type = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(task)
+    task_type = {Task.CLASSIFICATION: TaskType.SEQ_CLS, Task.CAUSAL_LM: TaskType.CAUSAL_LM}.get(task)
     if task_type is None:
         raise ConfigError(f"peft: LoRA is supported for classification and causal-lm, not {task}")
     lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules, task_type=task_type)

@@ -55,7 +55,7 @@ def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = 
         if kind == "causal-lm" and len(first) == 1 and _should_stream(output_path, output_format, g):
             _stream_one(model, tokenizer, first[0].text, g)
             return 1
-        step = _classify_batch if kind == "classifier" else _generate_batch
+        step = _classify_batch if kind == "classification" else _generate_batch
         return _run_batches(model, tokenizer, itertools.chain(first, items), g, step, out, output_format, kind)
     except BrokenPipeError:
         # `| head -1` closed the pipe: stop quietly (exit 0), and keep Python from complaining at exit
@@ -180,7 +180,7 @@ def _run_batches(model, tokenizer, items: Iterable[Prompt], g: GenerationSection
 
 def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
     context = modeling.context_length(model.config) or 1024
-    if kind == "classifier":
+    if kind == "classification":
         return context
     if g.max_new_tokens >= context:
         raise ConfigError(f"generation.max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the model's {context}-token context")
@@ -274,7 +274,7 @@ def _classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSecti
 
 
 def _format(item: Prompt, res: dict[str, Any], fmt: str, kind: str) -> str:
-    if kind == "classifier":
+    if kind == "classification":
         if fmt == "text":
             return f"{res['label']}\t{res['score']:.4f}"
         return json.dumps({**item.extra, "prompt": item.text, **res}, ensure_ascii=False)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import typer
-
 from llmcli import console
 from llmcli.config import Config
 
 
-def relaunch(cfg: Config) -> None:
-    """Run this very command line again under accelerate; exits with the launcher's code."""
+def wanted(cfg: Config) -> bool:
+    """Whether the config asks for several processes (or an accelerate config) in this process."""
+    return cfg.launch.num_processes > 1 or bool(cfg.launch.config_file)
+
+
+def relaunch(cfg: Config) -> int:
+    """Run this very command line again under accelerate; returns the launcher's exit code."""
     n = cfg.launch.num_processes
     argv = _without_num_processes(sys.argv[1:]) + ["--set", "launch.num_processes=1", "--set", "launch.config_file=null"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
@@ -30,7 +33,7 @@ def relaunch(cfg: Config) -> None:
             cmd.append("--multi_gpu")
     cmd += ["-m", "llmcli", *argv]
     console.info(f"launching {n} processes: accelerate launch {' '.join(cmd[3:])}")
-    raise typer.Exit(subprocess.run(cmd).returncode)  # a list, never a shell
+    return subprocess.run(cmd).returncode  # a list, never a shell
 
 
 def _without_num_processes(argv: list[str]) -> list[str]:

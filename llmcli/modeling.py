@@ -1,11 +1,11 @@
-"""Every model and tokenizer llmcli uses is built or loaded here.
+"""Every model llmcli uses is built or loaded here (tokenizers: `tokenization.py`).
 
 - `resolve_model_path` turns a hub id, a model dir or an llmcli run dir (final model or a
   checkpoint) into something `from_pretrained` takes.
-- `load_tokenizer` loads a tokenizer, or trains one on the training text (byte-level BPE for
-  GPT-2 style, WordPiece for BERT style), cached like tokenized data.
 - `build_model` makes a from-scratch model from `model_type` + `config_overrides`, or loads a
-  pretrained one (safetensors only unless `allow_pickle`; remote code only if trusted).
+  pretrained one (safetensors only unless `allow_pickle`; remote code only if trusted), with the
+  head its task needs (`tasks.py`).
+- `load_for_inference` loads a model dir, run dir, LoRA adapter or hub id for generate and eval.
 """
 
 from __future__ import annotations
@@ -15,22 +15,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from llmcli import console
+from llmcli import console, tasks
 from llmcli.config import Config, ModelSection
-from llmcli.errors import ConfigError
-from llmcli.runs import holds_finished_run, latest_checkpoint, list_checkpoints, main_process_first, publish_dir
+from llmcli.errors import ConfigError, first_line
+from llmcli.runs import holds_finished_run, latest_checkpoint, list_checkpoints
+from llmcli.tasks import Task
+from llmcli.tokenization import load_tokenizer_for, looks_like_path
 
-GPT_SPECIAL = "<|endoftext|>"
-BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 # --------------------------------------------------------------------------------------------
 # Where a model lives
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local path rather than a hub id ('gpt2', 'org/model'): ./x, /x, ~/x, a/b/c, or runs/x when runs/ exists."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/", 1)[0]))
 
 
 def resolve_model_path(name_or_path: str, checkpoint: str | None = None) -> str:
@@ -57,7 +52,7 @@ def resolve_model_path(name_or_path: str, checkpoint: str | None = None) -> str:
         raise ConfigError(f"model dir {path} holds no model (no config.json)")
     if path.exists():
         raise ConfigError(f"model path {path} is a file; give the model's directory")
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path):
         raise ConfigError(f"model path not found: {name_or_path}")
     return name_or_path
 
@@ -81,30 +76,14 @@ def check_weights(path: str, allow_pickle: bool) -> None:
 def load_pretrained_config(path: str, m: ModelSection):
     from transformers import AutoConfig
 
+    from llmcli import models
+
+    models.register()  # a saved llmcli architecture (model_type: gru) loads like any other
+
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except Exception as err:
-        raise ConfigError(f"could not load the model config of '{path}': {_first_line(err)}") from None
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
-
-
-def is_masked_lm_type(model_type: str) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-
-def lm_task(cfg: Config, model_type: str) -> str:
-    """The pretraining objective: explicit `task`, else masked-lm for BERT-style encoders."""
-    if cfg.task in ("causal-lm", "masked-lm"):
-        return cfg.task
-    if cfg.task == "classification":
-        raise ConfigError("task: classification is for `llmcli finetune`; pretrain takes causal-lm or masked-lm")
-    return "masked-lm" if is_masked_lm_type(model_type) else "causal-lm"
+        raise ConfigError(f"could not load the model config of '{path}': {first_line(err)}") from None
 
 
 def context_length(config) -> int | None:
@@ -116,101 +95,6 @@ def context_length(config) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def load_tokenizer(cfg: Config, model_path: str | None, masked: bool = False):
-    """The configured tokenizer, the model's own, or one trained here on the training text."""
-    name = cfg.model.tokenizer_name or model_path
-    if name is None:
-        return train_tokenizer(cfg, masked)
-    return load_tokenizer_for(name, cfg.model)
-
-
-def _load_tokenizer(name: str, m: ModelSection):
-    from transformers import AutoTokenizer
-
-    path = Path(os.path.expanduser(name))
-    if not path.exists() and _looks_like_path(name):
-        raise ConfigError(f"model.tokenizer_name: tokenizer path not found: {name}")
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    except Exception as err:
-        if path.is_dir():  # bare vocab files without a tokenizer_config.json
-            if (path / "vocab.json").exists() and (path / "merges.txt").exists():
-                from transformers import GPT2Tokenizer
-
-                return GPT2Tokenizer.from_pretrained(str(path))
-            if (path / "vocab.txt").exists():
-                from transformers import BertTokenizer
-
-                return BertTokenizer.from_pretrained(str(path))
-        raise ConfigError(f"could not load tokenizer '{name}': {_first_line(err)}") from None
-
-
-def train_tokenizer(cfg: Config, masked: bool):
-    """Train a byte-level BPE (causal) or WordPiece (masked) tokenizer on the training text.
-
-    Cached by training data + vocab size + kind, so a rerun reuses it.
-    """
-    from llmcli import data as data_mod
-
-    kind = "wordpiece" if masked else "bpe"
-    parts = {"source": data_mod.source_fingerprint(cfg.data), "vocab_size": cfg.model.vocab_size, "kind": kind,
-             "text_column": cfg.data.text_column, "seed": cfg.training.model_dump().get("seed", 42)}
-    final = data_mod.cache_entry(cfg.data, "tokenizers", parts)
-    with main_process_first():  # under accelerate, rank 0 trains it and the others read the cache
-        return _train_or_load_tokenizer(cfg, kind, parts, final)
-
-
-def _train_or_load_tokenizer(cfg: Config, kind: str, parts: dict, final: Path):
-    from llmcli import data as data_mod
-
-    if (final / "llmcli-complete").exists():
-        console.info(f"tokenizer cache hit: {final}")
-        return _wrap_tokenizer(final, kind)
-
-    console.info(f"training a {kind} tokenizer (vocab_size={cfg.model.vocab_size}) on the training text")
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        trainer = trainers.BpeTrainer(vocab_size=cfg.model.vocab_size, special_tokens=[GPT_SPECIAL],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    else:
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=cfg.model.vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
-    tok.train_from_iterator(data_mod.training_texts(cfg.data), trainer=trainer)
-    if kind == "wordpiece":
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
-    publish_dir(final, lambda tmp: tok.save(str(tmp / "tokenizer.json")), json.dumps(parts, default=str))
-    return _wrap_tokenizer(final, kind)
-
-
-def _wrap_tokenizer(folder: Path, kind: str):
-    from transformers import PreTrainedTokenizerFast
-
-    if kind == "bpe":
-        return PreTrainedTokenizerFast(
-            tokenizer_file=str(folder / "tokenizer.json"), bos_token=GPT_SPECIAL, eos_token=GPT_SPECIAL,
-            unk_token=GPT_SPECIAL, pad_token=GPT_SPECIAL, model_max_length=1024,
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(folder / "tokenizer.json"), unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # Models
 
 
@@ -219,7 +103,7 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     from transformers import AutoConfig
 
     m = cfg.model
-    head = _auto_class(task)
+    head = tasks.auto_class(task)
     if model_path is None:
         try:
             config = AutoConfig.for_model(m.model_type)
@@ -233,7 +117,7 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
             token_id = getattr(tokenizer, attr, None)
             if token_id is not None:
                 setattr(config, attr, token_id)
-        if task == "classification":
+        if task == Task.CLASSIFICATION:
             _set_labels(config, label_names)
         if m.attn_implementation:
             config._attn_implementation = m.attn_implementation
@@ -246,14 +130,14 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     if m.config_overrides:
         _apply_overrides(config, m.config_overrides)
     kwargs = _load_kwargs(m, config=config)
-    if task == "classification":
+    if task == Task.CLASSIFICATION:
         _set_labels(config, label_names)
         if config.pad_token_id is None and tokenizer.pad_token_id is not None:
             config.pad_token_id = tokenizer.pad_token_id  # GPT2ForSequenceClassification finds the last non-pad token
     try:
         model = head.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"could not load model '{model_path}': {_first_line(err)}") from None
+        raise ConfigError(f"could not load model '{model_path}': {first_line(err)}") from None
     check_vocab(model, tokenizer)
     return model
 
@@ -266,16 +150,6 @@ def _load_kwargs(m: ModelSection, **extra) -> dict[str, Any]:
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     return kwargs
-
-
-def _auto_class(task: str):
-    import transformers
-
-    return {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "masked-lm": transformers.AutoModelForMaskedLM,
-        "classification": transformers.AutoModelForSequenceClassification,
-    }[task]
 
 
 def _apply_overrides(config, overrides: dict[str, Any]) -> None:
@@ -364,18 +238,6 @@ def pick_device(device: str | None, dtype: str | None):
     return dev, torch.float32
 
 
-def model_kind(config) -> str:
-    """'classifier', 'masked-lm' or 'causal-lm', from the saved architecture."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classifier"
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return "masked-lm"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal-lm"
-    return "masked-lm" if is_masked_lm_type(config.model_type) else "causal-lm"
-
-
 def load_for_inference(path: str, m: ModelSection, device: str | None = None, dtype: str | None = None):
     """(model in eval mode on its device, tokenizer, kind) for a model dir, run dir or hub id.
 
@@ -391,26 +253,18 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
     else:
         check_weights(path, m.allow_pickle)
         config = load_pretrained_config(path, m)
-        kind = model_kind(config)
+        kind = tasks.task_of_model(config)
         tokenizer = load_tokenizer_for(path, m)
         kwargs = _load_kwargs(m, dtype=torch_dtype)
-        head = _auto_class("classification" if kind == "classifier" else kind)
+        head = tasks.auto_class(kind)
         try:
             model = head.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"could not load model '{path}': {_first_line(err)}") from None
+            raise ConfigError(f"could not load model '{path}': {first_line(err)}") from None
         check_vocab(model, tokenizer)
     model.to(dev)
     model.eval()
     return model, tokenizer, kind
-
-
-def load_tokenizer_for(path: str, m: ModelSection):
-    """`model.tokenizer_name`, else the tokenizer saved with the model at `path`."""
-    tok = _load_tokenizer(m.tokenizer_name or path, m)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token  # GPT-2 has no pad token; batching needs one
-    return tok
 
 
 def _load_adapter(local: Path, m: ModelSection, torch_dtype):
@@ -419,7 +273,7 @@ def _load_adapter(local: Path, m: ModelSection, torch_dtype):
     except ImportError:
         raise ConfigError(f"{local} holds a LoRA adapter; install peft (pip install 'llmcli[peft]') or use its merged/ model") from None
     adapter = json.loads((local / "adapter_config.json").read_text())
-    kind = "classifier" if adapter.get("task_type") == "SEQ_CLS" else "causal-lm"
-    cls = peft.AutoPeftModelForSequenceClassification if kind == "classifier" else peft.AutoPeftModelForCausalLM
+    kind = Task.CLASSIFICATION if adapter.get("task_type") == "SEQ_CLS" else Task.CAUSAL_LM
+    cls = peft.AutoPeftModelForSequenceClassification if kind == Task.CLASSIFICATION else peft.AutoPeftModelForCausalLM
     model = cls.from_pretrained(str(local), dtype=torch_dtype)
     return model, load_tokenizer_for(str(local), m), kind

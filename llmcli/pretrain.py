@@ -12,33 +12,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmcli import console, data, modeling
+from llmcli import console, modeling, tasks
 from llmcli.config import Config
 from llmcli.errors import ConfigError
+from llmcli.runs import RunDir, output_dir_of
+from llmcli.sources import RawData, source_fingerprint
 
 
 def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool = False, callbacks: tuple = ()) -> dict[str, Any]:
     """The whole command; `callbacks` are extra TrainerCallbacks (sweeps add a pruning one)."""
-    from llmcli import training
-
-    training.output_dir_of(cfg)  # a missing output_dir is a config error before anything else
+    output_dir_of(cfg)  # a missing output_dir is a config error before anything else
     model_path = modeling.resolve_model_path(cfg.model.model_name_or_path) if cfg.model.model_name_or_path else None
     model_type = modeling.load_pretrained_config(model_path, cfg.model).model_type if model_path else cfg.model.model_type
-    task = modeling.lm_task(cfg, model_type)
-    data.source_fingerprint(cfg.data)  # resolves data files now, so a missing one fails before anything else
+    task, fmt = tasks.resolve_task(cfg.task, "pretrain", model_type)
+    source_fingerprint(cfg.data)  # resolves data files now, so a missing one fails before anything else
     if cfg.data.streaming and not (cfg.model.tokenizer_name or model_path):
         raise ConfigError("data.streaming=true needs model.tokenizer_name (a tokenizer is not trained on a stream)")
+    from llmcli import training
+
     if dry_run:
         return training.dry_run(cfg, "pretrain", task, model_path)
 
-    with training.RunDir(cfg, resume, overwrite) as run_dir:
+    with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
+        if run_dir.finished is not None:
+            return run_dir.finished
         import transformers
 
-        seed = training.seed_of(cfg)
-        transformers.set_seed(seed)
-        masked = task == "masked-lm"
-        tokenizer = modeling.load_tokenizer(cfg, model_path, masked=masked)
+        from llmcli import data, tokenization
+
+        transformers.set_seed(cfg.training.seed)
+        raw = RawData(cfg.data, cfg.training.seed)
+        tokenizer = tokenization.load_tokenizer(cfg, model_path, raw, masked=task == tasks.Task.MASKED_LM)
         model = modeling.build_model(cfg, task, tokenizer, model_path)
-        datasets, collator, about = training.lm_data(cfg, model, tokenizer, masked, seed)
-        console.info(f"{task} on {about}")
-        return training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, callbacks=callbacks)
+        datasets, about = data.datasets_for(task, fmt, raw, model, tokenizer)
+        console.info(about)
+        collator = tasks.collator(task, fmt, tokenizer, cfg.data.mlm_probability)
+        summary = training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, callbacks=callbacks)
+    console.summary_table("pretrain", cfg.training.output_dir, summary)
+    return summary

@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "prompts.txt"
         src.write_text("\n".join(generate._escape(p) for p in prompts) + "\n")
-        cfg = load_config(None, ["generation.temperature=0", f"generation.max_new_tokens={n_new}"], check_training=False)
+        cfg = load_config(None, ["generation.temperature=0", f"generation.max_new_tokens={n_new}"])
 
         def llmcli_path():
             """What `llmcli generate --input prompts.txt --temperature 0` does after loading the model:

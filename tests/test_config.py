@@ -1,5 +1,6 @@
 """Config loading, `--set` overrides, validation errors, and every shipped config."""
 
+import re
 
 import pytest
 
@@ -10,11 +11,16 @@ from llmcli.errors import ConfigError
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
+def _command_of(path):
+    """The command a shipped config is for: its opening comment runs it."""
+    return re.search(r"llmcli (pretrain|finetune|generate|eval)\b", path.read_text()).group(1)
+
+
 def test_every_shipped_config_validates():
     llmcli_configs = [p for p in CONFIGS if "accelerate" not in p.parts]
     assert len(llmcli_configs) == 5, llmcli_configs  # update when adding a config
     for path in llmcli_configs:
-        load_config(path)  # raises on any unknown key or bad type, TrainingArguments fields included
+        load_config(path, command=_command_of(path))  # raises on any unknown key or bad type, TrainingArguments fields included
 
 
 def test_shipped_configs_open_with_their_run_command():
@@ -25,7 +31,7 @@ def test_shipped_configs_open_with_their_run_command():
 
 
 def test_overrides_are_yaml_scalars():
-    cfg = load_config(None, [
+    cfg = load_config(None, command="finetune", overrides=[
         "training.max_steps=20", "training.learning_rate=5e-4", "model.config_overrides.n_layer=2",
         "data.dataset_name=null", "data.train_file=x.txt", "training.bf16=true", "peft=true",
     ])
@@ -39,7 +45,7 @@ def test_overrides_are_yaml_scalars():
 def test_override_wins_over_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  block_size: 64\ntraining:\n  max_steps: 5\n")
-    cfg = load_config(path, ["data.block_size=32"])
+    cfg = load_config(path, ["data.block_size=32"], command="pretrain")
     assert cfg.data.block_size == 32 and cfg.training.max_steps == 5
 
 
@@ -59,7 +65,7 @@ def test_override_wins_over_file(tmp_path):
 )
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        load_config(None, overrides, command="finetune")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -89,10 +95,10 @@ def test_config_errors_exit_2_without_traceback(cli, tmp_path):
 
 def test_yaml11_no_is_a_string_for_strategy_fields(tmp_path):
     """`--set training.eval_strategy=no` and `save_strategy: no` in a file mean the string 'no'."""
-    cfg = load_config(None, ["training.save_strategy=no", "training.eval_strategy=no", "data.streaming=yes", "training.bf16=on"])
+    cfg = load_config(None, command="pretrain", overrides=["training.save_strategy=no", "training.eval_strategy=no", "data.streaming=yes", "training.bf16=on"])
     assert cfg.training.save_strategy == "no" and cfg.training.eval_strategy == "no"
     assert cfg.data.streaming is True and cfg.training.bf16 is True
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  save_strategy: no\n  logging_strategy: no\n")
-    cfg = load_config(path)
+    cfg = load_config(path, command="pretrain")
     assert cfg.training.save_strategy == "no" and cfg.training.logging_strategy == "no"

@@ -1,7 +1,8 @@
 """Unattended runs: kill -9 and resume, kills while saving, SIGTERM/SIGINT, locks, NaN, bad input.
 
-Kill and signal tests run the real CLI in a subprocess; the LLMCLI_TEST_* hooks pause it at a
-known step (or inside a checkpoint save) and write a marker file, so the tests are deterministic.
+Kill and signal tests run the real CLI in a subprocess; the test callback `hooks.TestHooks`
+(plugged in through `training.callbacks`) pauses it at a known step (or inside a checkpoint save)
+and writes a marker file, so the tests are deterministic.
 """
 
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, TINY_GPT2, read_jsonl, sets
+from hooks import CALLBACK
 
 TEXT = FIXTURES / "shakespeare_small.txt"
 RUN = [*TINY_GPT2, f"data.train_file={TEXT}", "training.max_steps=12", "training.save_steps=4", "training.logging_steps=2"]
@@ -27,8 +29,9 @@ def args(out, *extra):
 
 def start(out, tmp_path, **hooks):
     marker = tmp_path / "paused"
-    env = {**os.environ, "LLMCLI_TEST_MARKER": str(marker), **{f"LLMCLI_TEST_{k}": str(v) for k, v in hooks.items()}}
-    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *args(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {**os.environ, "HOOK_MARKER": str(marker), **{f"HOOK_{k}": str(v) for k, v in hooks.items()},
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *args(out, CALLBACK)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not marker.exists():
         if proc.poll() is not None or time.time() > deadline:
@@ -145,12 +148,12 @@ def test_stale_lock_is_taken_over(cli, tmp_path):
 
 def test_nan_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(cli, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setenv("LLMCLI_TEST_NAN_AT_STEP", "7")
-    result = cli(*args(out), expect=1)
+    monkeypatch.setenv("HOOK_NAN_AT_STEP", "7")
+    result = cli(*args(out, CALLBACK), expect=1)
     assert "loss became nan at step 7" in result.stderr and "checkpoint-4" in result.stderr
     assert (out / "checkpoint-4" / "trainer_state.json").exists()
     assert not (out / "checkpoint-8").exists() and not (out / "summary.json").exists()
-    monkeypatch.delenv("LLMCLI_TEST_NAN_AT_STEP")
+    monkeypatch.delenv("HOOK_NAN_AT_STEP")
     cli(*args(out))  # resumes from the good checkpoint
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 4
 
@@ -236,3 +239,108 @@ def test_pickle_only_checkpoint_needs_opt_in(cli, gpt2_run, tmp_path):
     assert "only pickle weights" in result.stderr and "model.allow_pickle=true" in result.stderr
     ok = cli("generate", "--model", pkl, "--prompt", "ROMEO:", "--max-new-tokens", "4", "--set", "model.allow_pickle=true")
     assert ok.stdout.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Run-dir decisions: fast unit tests (no training)
+
+
+def _checkpoint(run, step, *weights):
+    ckpt = run / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    for name in weights:
+        (ckpt / name).mkdir() if "." not in name else (ckpt / name).write_text("x")
+    return ckpt
+
+
+def test_completeness_rule_accepts_sharded_checkpoints(tmp_path):
+    from llmcli.runs import checkpoint_is_complete, latest_checkpoint, prepare_run_dir
+
+    fsdp = _checkpoint(tmp_path, 4, "pytorch_model_fsdp_0", "optimizer_0")  # FSDP SHARDED_STATE_DICT layout
+    deepspeed = _checkpoint(tmp_path, 8, "global_step8")
+    assert checkpoint_is_complete(fsdp) and checkpoint_is_complete(deepspeed)
+    no_weights = _checkpoint(tmp_path, 12)
+    assert not checkpoint_is_complete(no_weights)
+    # resuming removes only the incomplete one and resumes from the sharded DeepSpeed checkpoint
+    assert prepare_run_dir(tmp_path, resume=True, overwrite=False) == deepspeed
+    assert fsdp.exists() and not no_weights.exists()
+    assert latest_checkpoint(tmp_path) == deepspeed
+
+
+def test_overwrite_deletes_only_what_llmcli_wrote(tmp_path):
+    from llmcli.errors import ConfigError
+    from llmcli.runs import prepare_run_dir
+
+    run = tmp_path / "run"
+    _checkpoint(run, 2, "model.safetensors")
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "tokenizer.json", "config.json"):
+        (run / name).write_text("x")
+    (run / "notes.txt").write_text("mine")
+    (run / "data").mkdir()
+    with pytest.raises(ConfigError, match=r"holds files llmcli did not write \(data, notes.txt\)"):
+        prepare_run_dir(run, resume=False, overwrite=True)
+    assert (run / "checkpoint-2").exists() and (run / "summary.json").exists()  # nothing deleted
+    (run / "notes.txt").unlink()
+    (run / "data").rmdir()
+    assert prepare_run_dir(run, resume=False, overwrite=True) is None
+    assert list(run.iterdir()) == []
+
+
+def test_overwrite_never_deletes_the_model_being_finetuned(tmp_path):
+    from llmcli.errors import ConfigError
+    from llmcli.runs import prepare_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_text("x")
+    with pytest.raises(ConfigError, match="would delete the model being fine-tuned"):
+        prepare_run_dir(run, resume=True, overwrite=True, protect=str(run))
+    assert (run / "model.safetensors").exists()
+
+
+def test_fresh_start_drops_the_metrics_of_a_run_killed_before_its_first_checkpoint(cli, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 99.0}) + "\n")
+    (out / "config.yaml").write_text("{}\n")
+    cli(*args(out, "training.max_steps=4", "training.save_steps=1000"))
+    steps = [e["step"] for e in read_jsonl(out / "metrics.jsonl") if "loss" in e]
+    assert steps == [2, 4] and all(e.get("loss") != 99.0 for e in read_jsonl(out / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])  # mid-epoch and the end of an epoch (64 blocks, batch 32: 2 steps per epoch)
+def test_rerunning_a_finished_run_is_a_no_op(cli, tmp_path, max_steps):
+    out = tmp_path / "run"
+    run_args = args(out, f"training.max_steps={max_steps}", "training.save_steps=2", "training.per_device_train_batch_size=32",
+                    "data.max_train_samples=64")
+    cli(*run_args)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    summary = (out / "summary.json").read_text()
+    result = cli(*run_args)
+    assert "already holds this run, finished at step" in result.stderr
+    assert (out / "summary.json").read_text() == summary
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert json.loads(summary)["global_step"] == max_steps
+
+
+def test_two_concurrent_takeovers_of_a_stale_lock_have_one_winner(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".llmcli.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time, pathlib\n"
+        "from llmcli.runs import RunLock\n"
+        "from llmcli.errors import LockedError\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.001)\n"
+        f"try:\n    RunLock(pathlib.Path({str(run)!r})).acquire(); print('won', flush=True); time.sleep(2)\n"
+        "except LockedError:\n    print('lost', flush=True)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(1.5)
+    go.write_text("")
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outcomes == ["lost", "lost", "lost", "won"]

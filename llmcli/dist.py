@@ -1,0 +1,48 @@
+"""Which process am I, and waiting for the others: the few rank helpers every module needs.
+
+Stdlib-only at import (the CLI reads `is_main_process` before any command loads torch). Under
+`accelerate launch`/torchrun, RANK and WORLD_SIZE are set; a plain run is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun/accelerate launch, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_state():
+    """accelerate's process state. Without a GPU, ranks talk over gloo (`cpu=True`); Trainer is
+    given the same choice (`use_cpu`), since the state is a singleton set up by its first caller."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """accelerate's main_process_first across ranks (shared caches are built once); a no-op otherwise."""
+    if not is_distributed():
+        yield
+        return
+    with distributed_state().main_process_first():
+        yield
+
+
+def wait_for_everyone() -> None:
+    """A barrier across ranks under accelerate/torchrun; nothing in a single process."""
+    if is_distributed():
+        distributed_state().wait_for_everyone()

@@ -1,0 +1,57 @@
+"""Files that readers can trust: written under a temporary name and renamed into place.
+
+A killed writer never leaves half a file (config.yaml, summary.json, metrics cut back on resume)
+or a cache directory without its completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+COMPLETE_MARKER = "llmcli-complete"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it into place: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=_json_default) + "\n")
+        fh.flush()
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def is_published(final: Path) -> bool:
+    return (final / COMPLETE_MARKER).exists()
+
+
+def publish_dir(final: Path, write: Callable[[Path], Any], marker: str) -> None:
+    """Fill a temporary dir with `write(tmp)`, add the completion marker, rename it to `final`:
+    a killed writer never leaves a dir that a reader trusts (readers check `is_published`)."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / COMPLETE_MARKER).write_text(marker)
+    shutil.rmtree(final, ignore_errors=True)  # a stale entry without a marker, or a racing writer's
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""What a run trains: one `Task` enum, one table of what each task needs, one resolver.
+
+The task decides the model head (Auto class), the collator, the metrics and the arguments class
+its Trainer takes. `resolve_task` is the only place that works it out from the config, the model
+type and the data's columns. Stdlib-only at import: the schema uses `Task`, and `llmcli --help`
+must not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+from llmcli.errors import ConfigError
+
+
+class Task(str, Enum):
+    CAUSAL_LM = "causal-lm"
+    MASKED_LM = "masked-lm"
+    CLASSIFICATION = "classification"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DataFormat(str, Enum):
+    TEXT = "text"  # concatenated and cut into blocks (LM objectives)
+    PROMPT_COMPLETION = "prompt-completion"  # one example per row, loss on the completion only
+    LABELLED = "labelled"  # text (and text pair) with a label per row
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    auto_class: str  # transformers Auto class for the head
+    is_lm: bool  # eval loss is a token loss: perplexity is reported
+    main_metric: str  # what a run's one-line summary reports
+    args_class: str = "transformers:TrainingArguments"  # the Trainer's arguments class (checks `training:` keys)
+    trainer_class: str = "transformers:Trainer"
+    commands: tuple[str, ...] = ("pretrain", "finetune")
+
+
+SPECS: dict[Task, TaskSpec] = {
+    Task.CAUSAL_LM: TaskSpec("AutoModelForCausalLM", is_lm=True, main_metric="eval_loss"),
+    Task.MASKED_LM: TaskSpec("AutoModelForMaskedLM", is_lm=True, main_metric="eval_loss"),
+    Task.CLASSIFICATION: TaskSpec("AutoModelForSequenceClassification", is_lm=False, main_metric="eval_accuracy", commands=("finetune",)),
+}
+
+
+def spec(task: Task) -> TaskSpec:
+    return SPECS[Task(task)]
+
+
+def load_object(ref: str) -> Any:
+    """'module:attr' -> the object (classes of the task table, user callbacks)."""
+    module, _, attr = ref.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import '{ref}': {err}") from None
+    return obj
+
+
+def callback_class(ref: str) -> type:
+    """A user's TrainerCallback class named 'module:Class' (`training.callbacks`)."""
+    from transformers import TrainerCallback
+
+    cls = load_object(ref)
+    if not (isinstance(cls, type) and issubclass(cls, TrainerCallback)):
+        raise ConfigError(f"training.callbacks: '{ref}' is not a transformers.TrainerCallback class")
+    return cls
+
+
+def auto_class(task: Task):
+    import transformers
+
+    from llmcli import models
+
+    models.register()
+    return getattr(transformers, spec(task).auto_class)
+
+
+def args_class(task: Task | str):
+    return load_object(spec(task).args_class) if task != "auto" else load_object("transformers:TrainingArguments")
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving the task
+
+
+def resolve_task(requested: str, command: str, model_type: str, columns: Callable[[], list[str]] | None = None,
+                 prompt_columns_set: bool = False, label_column_set: bool = False) -> tuple[Task, DataFormat]:
+    """(task, data format) for a run. `columns()` lists the training data's columns (read only when needed)."""
+    if requested != "auto":
+        task = Task(requested)
+        if command not in spec(task).commands:
+            raise ConfigError(f"task: {task} is for `llmcli {' / '.join(spec(task).commands)}`, not `llmcli {command}`")
+    elif command == "finetune" and (label_column_set or (not prompt_columns_set and _has_label_column(columns))):
+        task = Task.CLASSIFICATION
+    else:
+        task = default_lm_task(model_type)
+    return task, _data_format(task, command, columns, prompt_columns_set)
+
+
+def _has_label_column(columns) -> bool:
+    return columns is not None and any(c in ("label", "labels") for c in columns())
+
+
+def _data_format(task: Task, command: str, columns, prompt_columns_set: bool) -> DataFormat:
+    if task == Task.CLASSIFICATION:
+        return DataFormat.LABELLED
+    if task == Task.CAUSAL_LM and command == "finetune":
+        if prompt_columns_set or (columns is not None and {"prompt", "completion"} <= set(columns())):
+            return DataFormat.PROMPT_COMPLETION
+    return DataFormat.TEXT
+
+
+def default_lm_task(model_type: str) -> Task:
+    """The LM objective a model type trains with: its own declaration (llmcli.models), else causal
+    when Transformers has a causal-LM head for it, else masked. An unknown type is a config error."""
+    from llmcli import models
+
+    if model_type in models.CUSTOM_MODELS:
+        return Task(models.CUSTOM_MODELS[model_type])
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return Task.CAUSAL_LM
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return Task.MASKED_LM
+    if model_type in CONFIG_MAPPING_NAMES:
+        raise ConfigError(f"model.model_type: '{model_type}' has no causal-LM or masked-LM head; set task: "
+                          f"({', '.join(t.value for t in Task)}) or pick another model type")
+    known = sorted(set(models.CUSTOM_MODELS) | {"gpt2", "bert", "llama", "roberta", "gpt_neox", "qwen2"})
+    raise ConfigError(f"model.model_type: unknown model type '{model_type}' (e.g. {', '.join(known)}; "
+                      "llmcli.models lists llmcli's own architectures); task: one of auto, "
+                      f"{', '.join(t.value for t in Task)}")
+
+
+def task_of_model(config) -> Task:
+    """The task a saved model was trained for, from its recorded architecture."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return Task.CLASSIFICATION
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return Task.MASKED_LM
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return Task.CAUSAL_LM
+    return default_lm_task(config.model_type)
+
+
+# --------------------------------------------------------------------------------------------
+# What a task trains with
+
+
+def collator(task: Task, fmt: DataFormat, tokenizer, mlm_probability: float):
+    """The batch collator: LM blocks are full length and carry their labels (run_clm.py); masked
+    blocks are masked on the fly; rows are padded dynamically (right-padded: absolute position
+    embeddings of BERT/GPT-2 must start at 0)."""
+    import transformers
+
+    if fmt == DataFormat.LABELLED:
+        tokenizer.padding_side = "right"
+        return transformers.DataCollatorWithPadding(tokenizer)
+    if fmt == DataFormat.PROMPT_COMPLETION:
+        return transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    if task == Task.MASKED_LM:
+        return transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
+    return transformers.default_data_collator
+
+
+def metric_functions(task: Task, label_names: list[str] | None) -> dict[str, Any]:
+    """compute_metrics / preprocess_logits for the Trainer (classification); LMs report perplexity from the loss."""
+    if task != Task.CLASSIFICATION:
+        return {}
+    from llmcli import metrics
+
+    return {"compute_metrics": metrics.trainer_metrics(label_names), "preprocess_logits": metrics.argmax_logits}

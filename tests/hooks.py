@@ -1,0 +1,54 @@
+"""TrainerCallbacks the tests plug in through `training.callbacks: [hooks:TestHooks]`.
+
+They make kill/signal/NaN tests deterministic: pause after step N (until a signal arrives),
+pause inside the checkpoint save of step N (weights written, optimizer and trainer_state.json
+not yet), or make the loss of step N non-finite. Settings come from HOOK_* environment variables;
+the marker file tells the test that the run is paused.
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+CALLBACK = "training.callbacks=[hooks:TestHooks]"
+
+
+def _setting(name: str) -> int:
+    return int(os.environ.get(f"HOOK_{name}", "0"))
+
+
+def _pause(until=lambda: False) -> None:
+    marker = os.environ.get("HOOK_MARKER")
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    deadline = time.time() + 120
+    while not until() and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def _signal_received() -> bool:
+    """Whether llmcli's GracefulStop (the installed SIGINT handler) has seen a signal."""
+    handler = signal.getsignal(signal.SIGINT)
+    return getattr(getattr(handler, "__self__", None), "signum", None) is not None
+
+
+class TestHooks(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step
+        if _setting("NAN_AT_STEP") and step == _setting("NAN_AT_STEP") - 1:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))  # the next step's loss is NaN
+        if _setting("PAUSE_IN_SAVE") == step:
+            original = optimizer.state_dict
+
+            def paused_state_dict(*a, **kw):
+                _pause()  # the weights of this checkpoint are written; optimizer and trainer_state.json are not
+                return original(*a, **kw)
+
+            optimizer.state_dict = paused_state_dict
+        if _setting("PAUSE_AT_STEP") == step:
+            _pause(until=_signal_received)
