@@ -65,26 +65,34 @@ def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
 
     console.configure(quiet=quiet or not is_main_process(), debug=debug)
     _quiet_libraries(debug)
+    code = EXIT_FAILURE
     try:
-        return fn()
+        fn()
+        code = 0
     except LlmcliError as err:
         if debug:
             import traceback
 
             traceback.print_exc()
         console.error(str(err))
-        raise typer.Exit(err.exit_code) from None
+        code = err.exit_code
     except KeyboardInterrupt:
         console.error("interrupted")
-        raise typer.Exit(EXIT_SIGINT) from None
-    except typer.Exit:
-        raise
+        code = EXIT_SIGINT
+    except typer.Exit as done:
+        code = done.exit_code
     except Exception as err:  # a bug or a library failure: still one line unless --debug
         if debug:
             raise
         first = (str(err).strip().splitlines() or [""])[0][:500]
         console.error(f"{type(err).__name__}: {first} (rerun with --debug for the traceback)")
-        raise typer.Exit(EXIT_FAILURE) from None
+    finally:
+        if os.environ.get("LLMCLI_EXIT_FILE"):  # a worker of `--num-processes`: tell the parent how it ended
+            from llmcli.launch import write_exit_code
+
+            write_exit_code(code)
+    if code:
+        raise typer.Exit(code)
 
 
 def _quiet_libraries(debug: bool) -> None:

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from llmcli import console
+from llmcli.dist import is_distributed
 from llmcli.errors import TrainingFailed
 from llmcli.files import append_jsonl
 from llmcli.runs import STAGING_DIR, latest_checkpoint
@@ -156,7 +157,8 @@ class GracefulStop(TrainerCallback):
     """
 
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this run stops for (seen here, or on another rank)
+        self._received = False  # a signal reached this process (a second SIGINT then exits at once)
         self._previous: dict[int, Any] = {}
 
     def installed(self):
@@ -178,15 +180,27 @@ class GracefulStop(TrainerCallback):
         return ctx()
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self._received:
             if signum == signal.SIGINT:
                 console.error("second interrupt: exiting now (the last complete checkpoint is kept)")
                 os._exit(130)
             return
+        self._received = True
         self.signum = signum
         console.warn(f"{signal.Signals(signum).name} received: finishing this step and saving a checkpoint (Ctrl-C again to quit now)")
 
     def on_step_end(self, args, state, control, **kwargs):
+        if is_distributed():
+            self.signum = self._signal_on_any_rank(args.device)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
+
+    def _signal_on_any_rank(self, device) -> int | None:
+        """A signal seen by one rank stops every rank at this same step (a collective save, never a
+        hang): the largest signal number seen anywhere (SIGTERM over SIGINT), or None."""
+        import torch.distributed as dist
+
+        seen = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        return int(seen.item()) or None

@@ -108,7 +108,7 @@ def fit(
         )
 
     metrics = _final_eval(trainer, args) if eval_ds is not None else {}
-    trainer.save_model(str(run.path))
+    _save_final_model(trainer, str(run.path))
     if trainer.is_world_process_zero():
         trainer.save_state()
     summary = _summary(trainer, result.metrics, task, resume_step(run.checkpoint))
@@ -127,6 +127,16 @@ def fit(
 def user_callbacks(cfg: Config) -> list[TrainerCallback]:
     """`training.callbacks: [module:Class, ...]`: the user's own TrainerCallbacks, built with no arguments."""
     return [tasks.callback_class(ref)() for ref in cfg.training.callbacks]
+
+
+def _save_final_model(trainer, path: str) -> None:
+    """The final model at the run dir root, loadable with from_pretrained. Under FSDP with sharded
+    checkpoints (SHARDED_STATE_DICT) Trainer.save_model writes nothing: gather a full state dict."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = trainer.accelerator.state.fsdp_plugin
+        if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(path)
 
 
 def _final_eval(trainer, args) -> dict[str, Any]:

@@ -92,3 +92,68 @@ def test_finetune_and_eval_under_two_processes(bert_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["metrics"]["examples"] == 40  # reported once, by the main process
+
+
+def test_sigterm_to_a_two_process_run_checkpoints_and_exits_143(cli, tmp_path):
+    """SIGTERM to `llmcli --num-processes 2` reaches both workers, which stop at the same step,
+    save one checkpoint and exit 143; the parent exits 143 too (not the launcher's 1), and the
+    same command resumes."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from hooks import CALLBACK
+
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    env = {**os.environ, "LLMCLI_CACHE": str(tmp_path / "cache"), "HOOK_MARKER": str(marker), "HOOK_PAUSE_AT_STEP": "3",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "llmcli", "pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=4", CALLBACK),
+               "-o", str(out), "--num-processes", "2"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM at step 3" in err and "Traceback" not in err and "ChildFailedError" not in err
+    assert (out / "checkpoint-3" / "trainer_state.json").exists()
+    assert {p.name for p in (out / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    env.pop("HOOK_PAUSE_AT_STEP")
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 3 and summary["global_step"] == 8
+
+
+def _stop_flag_worker(rank, store_path, results):
+    import signal
+
+    import torch
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from llmcli.trainer import GracefulStop
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    guard = GracefulStop()
+    if rank == 1:
+        guard._handle(signal.SIGTERM, None)  # only rank 1 sees the signal
+    control = TrainerControl()
+    guard.on_step_end(SimpleNamespace(device=torch.device("cpu")), TrainerState(), control)
+    results[rank] = (guard.signum, control.should_save, control.should_training_stop, torch.distributed.get_rank())
+    dist.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    import signal
+
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_stop_flag_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    assert dict(results) == {0: (signal.SIGTERM, True, True, 0), 1: (signal.SIGTERM, True, True, 1)}
