@@ -1,0 +1,95 @@
+"""Task resolution (one resolver, one vocabulary) and the sections each command reads."""
+
+import pytest
+
+from conftest import FIXTURES, TINY_GPT2, sets
+from llmcli.config import load_config
+from llmcli.errors import ConfigError
+from llmcli.tasks import DataFormat, Task, resolve_task, task_of_model
+
+
+@pytest.mark.parametrize(
+    "requested, command, model_type, columns, prompt_set, label_set, expected",
+    [
+        ("auto", "pretrain", "gpt2", None, False, False, (Task.CAUSAL_LM, DataFormat.TEXT)),
+        ("auto", "pretrain", "bert", None, False, False, (Task.MASKED_LM, DataFormat.TEXT)),
+        ("auto", "pretrain", "roberta", None, False, False, (Task.MASKED_LM, DataFormat.TEXT)),
+        ("auto", "pretrain", "llama", None, False, False, (Task.CAUSAL_LM, DataFormat.TEXT)),
+        ("causal-lm", "pretrain", "bert", None, False, False, (Task.CAUSAL_LM, DataFormat.TEXT)),
+        ("auto", "finetune", "bert", ["sentence", "label"], False, False, (Task.CLASSIFICATION, DataFormat.LABELLED)),
+        ("auto", "finetune", "gpt2", ["text", "labels"], False, False, (Task.CLASSIFICATION, DataFormat.LABELLED)),
+        ("auto", "finetune", "gpt2", ["review", "stars"], False, True, (Task.CLASSIFICATION, DataFormat.LABELLED)),
+        ("auto", "finetune", "gpt2", ["prompt", "completion"], False, False, (Task.CAUSAL_LM, DataFormat.PROMPT_COMPLETION)),
+        ("auto", "finetune", "gpt2", ["q", "a", "label"], True, False, (Task.CAUSAL_LM, DataFormat.PROMPT_COMPLETION)),
+        ("auto", "finetune", "gpt2", ["text"], False, False, (Task.CAUSAL_LM, DataFormat.TEXT)),
+        ("auto", "finetune", "bert", ["text"], False, False, (Task.MASKED_LM, DataFormat.TEXT)),
+    ],
+)
+def test_resolve_task(requested, command, model_type, columns, prompt_set, label_set, expected):
+    read = (lambda: columns) if columns is not None else None
+    assert resolve_task(requested, command, model_type, read, prompt_set, label_set) == expected
+
+
+def test_resolve_task_reads_columns_only_when_needed():
+    def boom():
+        raise AssertionError("columns read")
+
+    assert resolve_task("classification", "finetune", "bert", boom) == (Task.CLASSIFICATION, DataFormat.LABELLED)
+    assert resolve_task("auto", "pretrain", "gpt2", boom) == (Task.CAUSAL_LM, DataFormat.TEXT)
+
+
+def test_unknown_model_type_and_wrong_command_are_config_errors():
+    with pytest.raises(ConfigError, match=r"unknown model type 'gpt3'.*task: one of auto, causal-lm, masked-lm, classification"):
+        resolve_task("auto", "pretrain", "gpt3")
+    with pytest.raises(ConfigError, match="'t5' has no causal-LM or masked-LM head"):
+        resolve_task("auto", "pretrain", "t5")
+    with pytest.raises(ConfigError, match="task: classification is for `llmcli finetune`, not `llmcli pretrain`"):
+        resolve_task("classification", "pretrain", "bert")
+
+
+def test_task_of_a_saved_model_follows_its_architecture():
+    from transformers import BertConfig, GPT2Config
+
+    assert task_of_model(GPT2Config(architectures=["GPT2ForSequenceClassification"])) == Task.CLASSIFICATION
+    assert task_of_model(BertConfig(architectures=["BertForMaskedLM"])) == Task.MASKED_LM
+    assert task_of_model(GPT2Config(architectures=["GPT2LMHeadModel"])) == Task.CAUSAL_LM
+    assert task_of_model(BertConfig()) == Task.MASKED_LM  # no architecture recorded: the type's objective
+
+
+def test_unknown_model_type_exits_2_before_anything_is_written(cli, tmp_path):
+    result = cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "task=auto",
+                                   "model.model_type=gpt3", "model.config_overrides={}"), "-o", tmp_path / "r", expect=2)
+    assert "unknown model type 'gpt3'" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Sections a command reads
+
+
+def test_a_set_section_the_command_ignores_is_an_error(cli, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{model_type: gpt2}}\ndata: {{train_file: {FIXTURES / 'shakespeare_small.txt'}}}\npeft: {{r: 4}}\n")
+    result = cli("pretrain", "--config", config, "-o", tmp_path / "r", "--dry-run", expect=2)
+    assert "config section 'peft' is not read by `llmcli pretrain`" in result.stderr
+    result = cli("generate", "--model", "gpt2", "--set", "training.max_steps=3", "--prompt", "x", expect=2)
+    assert "`llmcli generate` does not read the 'training' section" in result.stderr
+
+
+def test_training_configs_carry_generation_and_eval_sections(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("generation: {max_new_tokens: 12}\neval: {stride: 64}\ntraining: {max_steps: 3}\n")
+    cfg = load_config(config, command="pretrain")
+    assert cfg.generation.max_new_tokens == 12 and cfg.training.max_steps == 3
+
+
+def test_inference_commands_warn_once_about_a_run_config(gpt2_run, cli):
+    result = cli("generate", "--config", gpt2_run / "config.yaml", "--model", gpt2_run, "--prompt", "ROMEO:",
+                 "--max-new-tokens", "2", "--temperature", "0")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: `llmcli generate` reads only model, generation from the config; ignoring task, data, training"]
+
+
+def test_a_reshaped_config_is_still_a_valid_config_for_its_run(gpt2_run):
+    cfg = load_config(gpt2_run / "config.yaml", command="pretrain")
+    assert cfg.task == Task.CAUSAL_LM and cfg.training.seed == 0
