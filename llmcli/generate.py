@@ -43,7 +43,7 @@ PAUSE = object()  # in the prompt stream: the input went quiet (see PAUSE_S)
 def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = None, input_format: str = "text",
         output_format: str = "text", output_path: str | None = None, checkpoint: str | None = None,
         device: str | None = None, dtype: str | None = None) -> int:
-    """Generate (or classify) every prompt; returns the number of prompts answered."""
+    """Generate (or classify) every prompt; returns the number of output lines (one per prompt)."""
     if not cfg.model.model_name_or_path:
         raise ConfigError("generate needs a model: pass --model (hub id, model dir or llmcli run dir)")
     path = modeling.resolve_model_path(cfg.model.model_name_or_path, checkpoint)
