@@ -6,8 +6,9 @@
     cat reviews.txt | llmcli generate --model runs/sst2 --format jsonl       # classifier: labels
 
 Output line N answers input prompt N. Prompts are batched (left-padded, sorted by length inside a
-window to cut padding, KV cache on) and each window's results are written as soon as it finishes.
-Data goes to stdout (or --output); diagnostics to stderr.
+window to cut padding, KV cache on) and each window's results are written as soon as it finishes; a
+window also closes early when piped input pauses, so a slow stream is answered as it comes.
+An empty prompt starts from BOS. Data goes to stdout (or --output); diagnostics to stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import select
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, TextIO
@@ -24,6 +27,8 @@ from llmcli.config import Config, GenerationSection
 from llmcli.errors import ConfigError, DataError
 
 WINDOW_BATCHES = 4  # sort by length within this many batches: less padding, output still streams
+PAUSE_S = 0.3  # piped input quiet this long: answer what has arrived instead of waiting for a full window
+NO_START = "empty prompt, and the tokenizer has no BOS or EOS token to start from"
 
 
 @dataclass
@@ -32,15 +37,18 @@ class Prompt:
     extra: dict[str, Any] = field(default_factory=dict)  # JSONL fields passed through untouched
 
 
+PAUSE = object()  # in the prompt stream: the input went quiet (see PAUSE_S)
+
+
 def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = None, input_format: str = "text",
         output_format: str = "text", output_path: str | None = None, checkpoint: str | None = None,
         device: str | None = None, dtype: str | None = None) -> int:
-    """Generate (or classify) every prompt; returns the number of prompts answered."""
+    """Generate (or classify) every prompt; returns the number of output lines (one per prompt)."""
     if not cfg.model.model_name_or_path:
         raise ConfigError("generate needs a model: pass --model (hub id, model dir or llmcli run dir)")
     path = modeling.resolve_model_path(cfg.model.model_name_or_path, checkpoint)
     items = read_prompts(prompts, input_path, input_format)
-    first = list(itertools.islice(items, 2))  # blocks until input arrives; enough to choose streaming
+    first = _first_prompts(items)  # blocks until input arrives; enough to choose streaming
     if not first:
         console.warn("no prompts (the input held only blank lines)")
         return 0
@@ -53,8 +61,10 @@ def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = 
     out: TextIO = open(output_path, "w", encoding="utf-8") if output_path else sys.stdout
     try:
         if kind == "causal-lm" and len(first) == 1 and _should_stream(output_path, output_format, g):
-            _stream_one(model, tokenizer, first[0].text, g)
-            return 1
+            ids = _encode(tokenizer, first[0].text)
+            if ids is not None:
+                _stream_one(model, tokenizer, ids, g)
+                return 1
         step = _classify_batch if kind == "classification" else _generate_batch
         return _run_batches(model, tokenizer, itertools.chain(first, items), g, step, out, output_format, kind)
     except BrokenPipeError:
@@ -67,13 +77,27 @@ def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = 
             out.close()
 
 
+def _first_prompts(items: Iterator) -> list:
+    """The first two prompts, or fewer if the input ends or pauses first; one prompt alone means
+    the input held exactly one (a pause after it leaves a PAUSE at the end)."""
+    first: list = []
+    for item in items:
+        if item is PAUSE and not first:
+            continue
+        first.append(item)
+        if item is PAUSE or len(first) == 2:
+            break
+    return first
+
+
 # --------------------------------------------------------------------------------------------
 # Input
 
 
-def read_prompts(prompts: list[str] | None, input_path: str | None, input_format: str) -> Iterator[Prompt]:
+def read_prompts(prompts: list[str] | None, input_path: str | None, input_format: str) -> Iterator[Prompt | object]:
     """Prompts from --prompt, --input FILE ('-' = stdin), or stdin when it is piped, read lazily:
-    a long or endless input (`tail -f log | llmcli generate ...`) is answered window by window."""
+    a long or endless input (`tail -f log | llmcli generate ...`) is answered window by window.
+    From a pipe or terminal, PAUSE marks where no new line came for PAUSE_S seconds."""
     if input_path is None and not prompts and not sys.stdin.isatty():
         input_path = "-"
     if input_path is None and not prompts:
@@ -83,7 +107,7 @@ def read_prompts(prompts: list[str] | None, input_path: str | None, input_format
     return _prompt_stream(prompts or [], input_path, input_format)
 
 
-def _prompt_stream(prompts: list[str], input_path: str | None, input_format: str) -> Iterator[Prompt]:
+def _prompt_stream(prompts: list[str], input_path: str | None, input_format: str) -> Iterator[Prompt | object]:
     for p in prompts:
         yield Prompt(_unescape(p))
     if input_path == "-":
@@ -93,8 +117,13 @@ def _prompt_stream(prompts: list[str], input_path: str | None, input_format: str
             yield from _parse_lines(fh, input_path, input_format)
 
 
-def _parse_lines(stream, name: str, input_format: str) -> Iterator[Prompt]:
-    for line_no, raw in enumerate(stream, 1):
+def _parse_lines(stream, name: str, input_format: str) -> Iterator[Prompt | object]:
+    line_no = 0
+    for raw in _read_lines(stream):
+        if raw is PAUSE:
+            yield PAUSE
+            continue
+        line_no += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -113,6 +142,37 @@ def _parse_lines(stream, name: str, input_format: str) -> Iterator[Prompt]:
             yield Prompt(text, obj)
         else:
             yield Prompt(_unescape(line))
+
+
+def _read_lines(stream) -> Iterator[bytes | object]:
+    """The lines of a binary stream. A pipe or terminal is read with raw reads on its fd, so that
+    select() can tell when it has gone quiet: then PAUSE, once, and wait for more without a timeout."""
+    try:
+        fd = stream.fileno()
+        pollable = os.name == "posix" and not stat.S_ISREG(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, ValueError):  # in-memory streams (tests, embedding) have no fd
+        pollable = False
+    if not pollable:
+        yield from stream
+        return
+    pending: list[bytes] = []  # complete lines read but not yet handed out, in reverse order
+    partial, timeout = b"", PAUSE_S
+    while True:
+        if pending:
+            yield pending.pop()
+            timeout = PAUSE_S
+            continue
+        if not select.select([fd], [], [], timeout)[0]:
+            yield PAUSE
+            timeout = None
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            if partial:
+                yield partial
+            return
+        *lines, partial = (partial + chunk).split(b"\n")
+        pending = [line + b"\n" for line in reversed(lines)]
 
 
 def _unescape(text: str) -> str:
@@ -148,22 +208,25 @@ def _sampling(g: GenerationSection) -> bool:
 
 def _run_batches(model, tokenizer, items: Iterable[Prompt], g: GenerationSection, step, out: TextIO, fmt: str, kind: str) -> int:
     """Answer prompts window by window (a window is WINDOW_BATCHES batches, sorted by length inside
-    it); each window's lines are written, in input order, as soon as it is done. Returns the count."""
+    it, closed early when the input pauses); each window's lines are written, in input order, as soon
+    as it is done. Returns the number of lines written."""
     import torch
 
     if g.seed is not None:
         torch.manual_seed(g.seed)
     limit = _prompt_limit(model, g, kind)
     window_size = g.batch_size * WINDOW_BATCHES
-    answered = cut = 0
+    answered = cut = unanswerable = 0
     items = iter(items)
     with console.progress("generate") as bar:
-        while window := list(itertools.islice(items, window_size)):
-            encoded = [tokenizer(p.text)["input_ids"] for p in window]
-            cut += sum(1 for ids in encoded if len(ids) > limit)
-            encoded = [ids[-limit:] if kind == "causal-lm" else ids[:limit] for ids in encoded]
-            order = sorted(range(len(window)), key=lambda i: len(encoded[i]))
-            results: dict[int, dict[str, Any]] = {}
+        while window := _next_window(items, window_size):
+            encoded = [_encode(tokenizer, p.text) for p in window]
+            results: dict[int, dict[str, Any]] = {i: {"error": NO_START} for i, ids in enumerate(encoded) if ids is None}
+            unanswerable += len(results)
+            cut += sum(1 for ids in encoded if ids is not None and len(ids) > limit)
+            encoded = [ids if ids is None else ids[-limit:] if kind == "causal-lm" else ids[:limit] for ids in encoded]
+            order = sorted((i for i in range(len(window)) if encoded[i] is not None), key=lambda i: len(encoded[i]))
+            bar.advance(len(results))
             for b in range(0, len(order), g.batch_size):
                 batch = order[b : b + g.batch_size]
                 for i, res in zip(batch, step(model, tokenizer, [encoded[i] for i in batch], g)):
@@ -172,10 +235,36 @@ def _run_batches(model, tokenizer, items: Iterable[Prompt], g: GenerationSection
             out.write("".join(_format(window[i], results[i], fmt, kind) + "\n" for i in range(len(window))))
             out.flush()
             answered += len(window)
+    if unanswerable:
+        console.warn(f"{unanswerable} empty prompt(s) could not be answered (the tokenizer has no BOS or EOS token to start "
+                     "from): their lines are empty, or hold an 'error' field in JSONL")
     if cut:
         what = "the model's context less max_new_tokens" if kind == "causal-lm" else "the model's context"
         console.warn(f"{cut} prompt(s) longer than {limit} tokens ({what}) were cut from the {'left' if kind == 'causal-lm' else 'right'}")
     return answered
+
+
+def _next_window(items: Iterator, size: int) -> list[Prompt]:
+    """Up to `size` prompts; fewer when the input ends, or pauses after at least one prompt."""
+    window: list[Prompt] = []
+    for item in items:
+        if item is PAUSE:
+            if window:
+                break
+            continue
+        window.append(item)
+        if len(window) == size:
+            break
+    return window
+
+
+def _encode(tokenizer, text: str) -> list[int] | None:
+    """A prompt's token ids; an empty prompt is BOS (else EOS) as with GPT-2, None if the tokenizer has neither."""
+    ids = tokenizer(text)["input_ids"]
+    if ids:
+        return ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return None if start is None else [start]
 
 
 def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
@@ -274,6 +363,8 @@ def _classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSecti
 
 
 def _format(item: Prompt, res: dict[str, Any], fmt: str, kind: str) -> str:
+    if "error" in res:
+        return "" if fmt == "text" else json.dumps({**item.extra, "prompt": item.text, "error": res["error"]}, ensure_ascii=False)
     if kind == "classification":
         if fmt == "text":
             return f"{res['label']}\t{res['score']:.4f}"
@@ -296,7 +387,7 @@ def _should_stream(output_path, fmt: str, g: GenerationSection) -> bool:
     return output_path is None and fmt == "text" and g.num_return_sequences == 1 and sys.stdout.isatty()
 
 
-def _stream_one(model, tokenizer, prompt: str, g: GenerationSection) -> None:
+def _stream_one(model, tokenizer, ids: list[int], g: GenerationSection) -> None:
     """Print the completion token by token, holding back text that could start a stop string."""
     import torch
     from transformers import TextStreamer
@@ -325,7 +416,6 @@ def _stream_one(model, tokenizer, prompt: str, g: GenerationSection) -> None:
     if g.seed is not None:
         torch.manual_seed(g.seed)
     limit = _prompt_limit(model, g, "causal-lm")
-    ids = tokenizer(prompt)["input_ids"]
     if len(ids) > limit:
         console.warn(f"1 prompt(s) longer than {limit} tokens were cut from the left")
     input_ids, mask = _pad(tokenizer, [ids[-limit:]], model.device, left=True)

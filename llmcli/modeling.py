@@ -268,12 +268,24 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
 
 
 def _load_adapter(local: Path, m: ModelSection, torch_dtype):
+    """Base model + LoRA adapter through peft, under the same rules as any model: the adapter's
+    base is checked like `--model` (safetensors only unless allow_pickle, remote code only if trusted)."""
     try:
         import peft
     except ImportError:
         raise ConfigError(f"{local} holds a LoRA adapter; install peft (pip install 'llmcli[peft]') or use its merged/ model") from None
     adapter = json.loads((local / "adapter_config.json").read_text())
+    if not (local / "adapter_model.safetensors").exists() and (local / "adapter_model.bin").exists() and not m.allow_pickle:
+        raise ConfigError(f"{local} has only pickle adapter weights (adapter_model.bin); set model.allow_pickle=true if you trust the file")
+    base = adapter.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{local / 'adapter_config.json'} names no base model (base_model_name_or_path)")
+    check_weights(base, m.allow_pickle)
     kind = Task.CLASSIFICATION if adapter.get("task_type") == "SEQ_CLS" else Task.CAUSAL_LM
     cls = peft.AutoPeftModelForSequenceClassification if kind == Task.CLASSIFICATION else peft.AutoPeftModelForCausalLM
-    model = cls.from_pretrained(str(local), dtype=torch_dtype)
+    # peft passes these on to the base model's from_pretrained (`revision` is the adapter's; the base's is in its config)
+    try:
+        model = cls.from_pretrained(str(local), **_load_kwargs(m, dtype=torch_dtype))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load the LoRA adapter in {local} or its base model '{base}': {first_line(err)}") from None
     return model, load_tokenizer_for(str(local), m), kind

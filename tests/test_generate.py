@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import read_jsonl
+from conftest import FIXTURES, TINY_GPT2, read_jsonl, sets
 
 PROMPTS = ["ROMEO:", "First Citizen:\\nWe are", "KING", "To be or not", "O", "What say you, my lord?", "JULIET: I"]
 
@@ -88,17 +88,99 @@ def test_closed_pipe_ends_quietly(gpt2_run, tmp_path):
 def test_classifier_labels_lines(cli, classifier_run):
     text = cli("generate", "--model", classifier_run, input="the film is wonderful\nthe film is awful\n").stdout.splitlines()
     assert [line.split("\t")[0] for line in text] == ["positive", "negative"]
-    assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in text)
-    record = json.loads(cli("generate", "--model", classifier_run, "--format", "jsonl", "--prompt", "a superb cast").stdout)
-    assert record["label"] == "positive" and set(record["scores"]) == {"negative", "positive"}
-    assert abs(sum(record["scores"].values()) - 1) < 1e-5
+    texts = ["the film is wonderful", "the film is awful", "a superb cast"]
+    records = [json.loads(x) for x in cli("generate", "--model", classifier_run, "--format", "jsonl",
+                                          *[a for t in texts for a in ("--prompt", t)]).stdout.splitlines()]
+    reference = _reference_probabilities(classifier_run, texts)  # the model loaded by transformers, no llmcli
+    assert len(records) == len(texts)
+    for line, record, (labels, probs) in zip(text + [None], records, reference):
+        best = max(range(len(probs)), key=probs.__getitem__)
+        assert record["label"] == labels[best] and record["score"] == pytest.approx(probs[best], rel=1e-5)
+        assert record["scores"] == pytest.approx(dict(zip(labels, probs)), rel=1e-5)
+        if line is not None:
+            assert line == f"{labels[best]}\t{probs[best]:.4f}"
+    assert [r["label"] for r in records] == ["positive", "negative", "positive"]
 
 
-def test_long_prompt_is_cut_from_the_left_with_one_warning(cli, gpt2_run):
-    long = "to be or not to be " * 200
-    result = gen(cli, gpt2_run, "--prompt", long, "--prompt", long, "--prompt", "ROMEO:", "--format", "jsonl", "--temperature", "0")
+def _reference_probabilities(model_dir, texts):
+    """(label names, softmax probabilities) per text, one unpadded forward pass each, with transformers only."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    out = []
+    for t in texts:
+        with torch.no_grad():
+            logits = model(**tok(t, return_tensors="pt")).logits[0].double()
+        out.append((labels, torch.softmax(logits, -1).tolist()))
+    return out
+
+
+def test_long_prompt_is_cut_from_the_left_with_one_warning(cli, gpt2_run, tmp_path):
+    from transformers import AutoTokenizer
+
+
+    tok = AutoTokenizer.from_pretrained(gpt2_run)
+    long = "1 2 3 4 5 6 7 8 9 " * 30 + (FIXTURES / "shakespeare_small.txt").read_text()[:600]  # digits first, words last
+    ids = tok(long)["input_ids"]
+    limit = 128 - 8  # n_positions less max_new_tokens
+    last, first = tok.decode(ids[-limit:]), tok.decode(ids[:limit])
+    assert len(ids) > 2 * limit and tok(last)["input_ids"] == ids[-limit:] and tok(first)["input_ids"] == ids[:limit]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (long, long, "ROMEO:", last, first)))
+    # A strong repetition penalty bars every token of the (kept) prompt, so the output tells which tokens were kept;
+    # -b 1: no padding tokens, which the penalty would count too.
+    result = gen(cli, gpt2_run, "--input", src, "--input-format", "jsonl", "--format", "jsonl", "--temperature", "0",
+                 "--repetition-penalty", "1000", "-b", "1")
     assert result.stderr.count("warning") == 1 and "2 prompt(s) longer than 120 tokens" in result.stderr
-    assert [json.loads(x)["prompt_tokens"] for x in result.stdout.splitlines()][:2] == [120, 120]
+    records = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [r["prompt_tokens"] for r in records] == [120, 120, len(tok("ROMEO:")["input_ids"]), 120, 120]
+    completions = [r["completion"] for r in records]
+    assert completions[0] == completions[1] == completions[3]  # the long prompt's last 120 tokens were kept
+    assert completions[4] != completions[0]  # not its first 120
+
+
+def test_empty_prompts_start_from_bos_and_the_rest_is_answered(cli, gpt2_run, tmp_path):
+    rows = ["ROMEO:", "", "KING", "", "What say you, my lord?", "<|endoftext|>"]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(rows)))
+    args = ("--input-format", "jsonl", "--format", "jsonl", "--temperature", "0", "-b", "1")
+    records = [json.loads(x) for x in gen(cli, gpt2_run, "--input", src, *args).stdout.splitlines()]
+    assert [r["id"] for r in records] == list(range(len(rows)))
+    src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(rows) if p))
+    without = {r["id"]: r for r in map(json.loads, gen(cli, gpt2_run, "--input", src, *args).stdout.splitlines())}
+    assert all(records[i] == without[i] for i in without)  # the other prompts' answers are unchanged
+    # an empty prompt is answered as GPT-2 does: from BOS (here <|endoftext|>, the text of the last row)
+    assert records[1]["completion"] == records[3]["completion"] == records[5]["completion"]
+    assert records[1]["prompt_tokens"] == 1 and records[1]["prompt"] == ""
+    lines = gen(cli, gpt2_run, "--prompt", "", "--prompt", "KING", "--temperature", "0").stdout.splitlines()
+    assert lines == [_escape(records[1]["completion"]), _escape(records[2]["completion"])]
+
+
+def test_empty_prompt_without_bos_or_eos_is_a_per_line_error(cli, gpt2_run, tmp_path):
+    import shutil
+
+    model = tmp_path / "no-bos"
+    shutil.copytree(gpt2_run, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        config.pop(key, None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"id": 0, "prompt": ""}) + "\n" + json.dumps({"id": 1, "prompt": "ROMEO:"}) + "\n")
+    result = gen(cli, model, "--input", src, "--input-format", "jsonl", "--format", "jsonl", "--temperature", "0")
+    first, second = map(json.loads, result.stdout.splitlines())
+    assert first == {"id": 0, "prompt": "", "error": "empty prompt, and the tokenizer has no BOS or EOS token to start from"}
+    assert second["id"] == 1 and second["completion_tokens"] > 0
+    assert "1 empty prompt(s) could not be answered" in result.stderr
+    text = gen(cli, model, "--prompt", "", "--prompt", "ROMEO:", "--temperature", "0").stdout
+    assert text.split("\n") == ["", _escape(second["completion"]), ""]
+
+
+def _escape(text):
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
 @pytest.mark.parametrize(
@@ -122,13 +204,19 @@ def test_unknown_model_path(cli, tmp_path):
 
 
 def test_checkpoint_selection(cli, tmp_path):
-    from conftest import FIXTURES, TINY_GPT2, sets
 
     out = tmp_path / "run"
     cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=4",
         "training.save_steps=2"), "-o", out)
-    for ckpt in ("latest", "2"):
-        assert gen(cli, out, "--checkpoint", ckpt, "--prompt", "ROMEO:").stdout.strip()
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+
+    def outputs(model, *args):
+        return gen(cli, model, *args, *prompts, "--temperature", "0", "--format", "jsonl").stdout
+
+    direct = {step: outputs(out / f"checkpoint-{step}") for step in (2, 4)}
+    assert direct[2] != direct[4]  # the two checkpoints answer differently, so the comparison below can tell them apart
+    assert outputs(out, "--checkpoint", "2") == direct[2]
+    assert outputs(out, "--checkpoint", "latest") == direct[4]
     result = gen(cli, out, "--checkpoint", "3", "--prompt", "x", expect=2)
     assert "checkpoints: 2, 4" in result.stderr
 
@@ -173,18 +261,68 @@ def test_streams_one_prompt_to_a_terminal(cli, gpt2_run):
     assert code == 0 and shown == piped[: piped.find(stop)] + "\n"
 
 
-def test_endless_stdin_is_answered_window_by_window(gpt2_run):
-    """`tail -f prompts | llmcli generate`: a window's answers come out before the input ends."""
-    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "--model", str(gpt2_run), "-b", "1", "--max-new-tokens", "3",
-                             "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdin.write(b"ROMEO:\nJULIET:\nKING:\nO\n")  # one window: batch size 1 x 4 batches
-    proc.stdin.flush()
-    first = [proc.stdout.readline() for _ in range(4)]  # would block forever if generate waited for EOF
-    assert all(first)
-    proc.stdin.write(b"QUEEN:\n")
-    proc.stdin.close()
-    rest = proc.stdout.read().splitlines()
-    assert proc.wait(timeout=60) == 0 and len(rest) == 1
+def test_lora_base_model_with_pickle_weights_needs_allow_pickle(cli, gpt2_run, tmp_path):
+    """The base model an adapter names is held to the same safetensors-only rule as any model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+
+    base, out = tmp_path / "base", tmp_path / "lora"
+    shutil.copytree(gpt2_run, base, ignore=shutil.ignore_patterns("checkpoint-*"))
+    cli("finetune", "--model", base, *sets(f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "data.block_size=32",
+        "training.max_steps=2", "peft.r=4", "training.learning_rate=1e-2"), "--no-merge", "-o", out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    args = ("--prompt", "ROMEO:", "--temperature", "0", "--format", "jsonl")
+    before = gen(cli, out, *args).stdout
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")  # the same weights, as a pickle
+    (base / "model.safetensors").unlink()
+    result = gen(cli, out, *args, expect=2)
+    assert result.stderr.strip() == f"error: {base} has only pickle weights (.bin); set model.allow_pickle=true if you trust the file"
+    assert result.stdout == ""
+    assert gen(cli, out, *args, "--set", "model.allow_pickle=true").stdout == before
+
+
+def _read_lines(stream, count, deadline_s):
+    """Up to `count` lines from a pipe, waiting at most `deadline_s` seconds in all."""
+    import os
+    import select
+    import time
+
+    data, deadline = b"", time.monotonic() + deadline_s
+    while data.count(b"\n") < count and (left := deadline - time.monotonic()) > 0:
+        if select.select([stream], [], [], left)[0]:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode().splitlines()
+
+
+def test_slow_stdin_is_answered_when_input_pauses_and_fast_stdin_in_whole_windows(cli, gpt2_run, tmp_path):
+    """`tail -f log | llmcli generate`: what has arrived is answered when the input pauses; input that
+    arrives at once is batched in whole windows (sampled outputs depend on the batches, so they show it)."""
+    fast, slow = PROMPTS + ["QUEEN:"], ["ROMEO:", "JULIET:"]  # 8 prompts: two windows of 4 at -b 1
+    args = ["--temperature", "1.0", "--seed", "5", "--max-new-tokens", "6", "-b", "1"]
+    src = tmp_path / "fast.txt"
+    src.write_text("".join(p + "\n" for p in fast))
+    reference = gen(cli, gpt2_run, "--input", src, *args).stdout.splitlines()
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "--model", str(gpt2_run), *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(src.read_bytes())  # all at once
+        proc.stdin.flush()
+        assert _read_lines(proc.stdout, len(fast), 90) == reference
+        proc.stdin.write("".join(p + "\n" for p in slow).encode())  # 2 prompts, half a window, then nothing
+        proc.stdin.flush()
+        answers = _read_lines(proc.stdout, len(slow), 60)  # before the fix: nothing until 4 prompts or EOF
+        assert len(answers) == len(slow) and all(answers), answers
+        proc.stdin.close()
+        assert proc.stdout.read() == b"" and proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_classifier_scores_do_not_depend_on_the_batch(cli, classifier_run):

@@ -126,10 +126,19 @@ def test_tokenized_cache_is_reused_and_keyed(cli, tmp_path):
 
 
 def test_dry_run_trains_nothing(cli, tmp_path):
+    def tree():
+        return sorted((str(p.relative_to(tmp_path)), p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+
     out = tmp_path / "run"
     result = cli(*pretrain_args(out, "training.max_steps=5"), "--dry-run")
-    assert "max_steps: 5" in result.stdout and "would resume from" in result.stderr
-    assert not (out / "summary.json").exists()
+    assert "max_steps: 5" in result.stdout
+    assert "  would resume from: nothing (fresh start)\n" in result.stderr and f"  output_dir: {out}\n" in result.stderr
+    assert not out.exists()
+    cli(*pretrain_args(out, "training.max_steps=2", "training.save_steps=2"))
+    before = tree()
+    result = cli(*pretrain_args(out, "training.max_steps=5"), "--dry-run")
+    assert f"  would resume from: {out / 'checkpoint-2'}\n" in result.stderr
+    assert tree() == before  # nothing written, nothing touched
 
 
 def test_bf16_on_cpu_falls_back_with_warning(cli, tmp_path):
