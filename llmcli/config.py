@@ -252,7 +252,7 @@ def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node = raw
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
-        if child is None:
+        if child is None or child is True:  # `peft: true` is the shorthand for a section of defaults
             child = node[key] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {'.'.join(keys)}: '{'.'.join(keys[: i + 1])}' is a value, not a section")

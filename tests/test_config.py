@@ -42,6 +42,11 @@ def test_overrides_are_yaml_scalars():
     assert cfg.training.bf16 is True and cfg.peft.r == 8
 
 
+def test_peft_true_then_a_peft_key():
+    cfg = load_config(None, ["peft=true", "peft.merge=false"], command="finetune")
+    assert cfg.peft.merge is False and cfg.peft.r == 8
+
+
 def test_override_wins_over_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  block_size: 64\ntraining:\n  max_steps: 5\n")
