@@ -29,10 +29,28 @@ def close(a, b, rel=REL):
 
 
 @pytest.fixture(scope="module")
-def lm(gpt2_run):
+def sharp_run(gpt2_run, tmp_path_factory):
+    """A random GPT-2 with large weights (initializer_range 0.5) and the tiny run's tokenizer: its
+    predictions depend strongly on the context, so any misplaced window shows in the numbers
+    (a briefly trained tiny model is almost a unigram model and hides it)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(gpt2_run)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=2, initializer_range=0.5,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    out = tmp_path_factory.mktemp("sharp")
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(sharp_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(gpt2_run).eval(), AutoTokenizer.from_pretrained(gpt2_run)
+    return AutoModelForCausalLM.from_pretrained(sharp_run).eval(), AutoTokenizer.from_pretrained(sharp_run)
 
 
 def reference_hf_guide(model, ids, max_length, stride):
@@ -111,12 +129,42 @@ def _write(text, name="eval.txt"):
 SAMPLE = TEXT.read_text()[:6000]
 
 
+def test_window_placement_is_the_references():
+    """The windows themselves: lm-eval's (from the package, and the copy) for stride = max_length,
+    the guide's loop for stride < max_length; every token after the first scored exactly once."""
+    from llmcli.evaluate import windows
+
+    for n in [*range(1, 40), 129, 130, 257, 1000]:
+        ids = list(range(10_000, 10_000 + n))
+        for length in (2, 3, 7, 16, 128):
+            got = [(ids[b : e - 1], ids[s:e]) for b, s, e in windows(n, length, length)]
+            expected = []
+            if n >= 2:
+                for make in (lm_eval_windows_copy, lm_eval_windows_package):
+                    expected = [((c + t)[-(length + 1) :][:-1], t) for c, t in make(ids[1:], ids[0], length)]
+                    assert got == expected, (n, length)
+            assert got == expected and all(len(inp) <= length for inp, _ in got)
+            for stride in {1, length // 2, length - 1} - {0}:
+                placed = [(b, list(range(s, e))) for b, s, e in windows(n, length, stride)]
+                guide, prev_end = [], 0
+                for begin in range(0, n, stride):
+                    end = min(begin + length, n)
+                    guide.append((begin, [t for t in range(end - (end - prev_end), end) if t > begin]))
+                    prev_end = end
+                    if end == n:
+                        break
+                if n < 2:
+                    guide = []
+                assert placed == guide, (n, length, stride)
+                assert sorted(t for _, ts in placed for t in ts) == list(range(1, n))
+
+
 @pytest.mark.parametrize("max_length, stride", [(64, 16), (64, 63), (128, 100), (64, 64), (128, 128), (16, 16)])
-def test_perplexity_matches_reference(cli, gpt2_run, lm, max_length, stride):
+def test_perplexity_matches_reference(cli, sharp_run, lm, max_length, stride):
     model, tok = lm
     ids = tok(SAMPLE, add_special_tokens=False)["input_ids"]
     path = _write(SAMPLE)
-    got, _ = eval_json(cli, "--model", gpt2_run, "--data", path, "--max-length", max_length, "--stride", stride, "--batch-size", 3)
+    got, _ = eval_json(cli, "--model", sharp_run, "--data", path, "--max-length", max_length, "--stride", stride, "--batch-size", 3)
     m = got["metrics"]
     total = m["nll"] * m["tokens_scored"]
     if stride < max_length:
@@ -135,13 +183,13 @@ DOCS = [" = Robert Boulter = \n", " Robert Boulter is an English film , televisi
         "All:\nSpeak, speak.", "\tROMEO:\nIs the day so young?  ", "x"]
 
 
-def test_per_document_add_bos_matches_lm_eval_package(cli, gpt2_run, lm, tmp_path):
+def test_per_document_add_bos_matches_lm_eval_package(cli, sharp_run, lm, tmp_path):
     """--per-document --add-bos is lm-eval's loglikelihood_rolling with the BOS as prefix token,
     per document, and lm-eval's wikitext word and byte counts (from its own process_results)."""
     model, tok = lm
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    got, _ = eval_json(cli, "--model", gpt2_run, "--data", src, "--per-document", "--add-bos", "--max-length", 16)
+    got, _ = eval_json(cli, "--model", sharp_run, "--data", src, "--per-document", "--add-bos", "--max-length", 16)
     ref_nll = ref_n = ref_windows = 0
     for d in DOCS:
         ids = [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"]
@@ -160,11 +208,11 @@ def test_per_document_add_bos_matches_lm_eval_package(cli, gpt2_run, lm, tmp_pat
     assert close(m["word_perplexity"], math.exp(ref_nll / m["words"]))
 
 
-def test_per_document_sliding_matches_the_guide(cli, gpt2_run, lm, tmp_path):
+def test_per_document_sliding_matches_the_guide(cli, sharp_run, lm, tmp_path):
     model, tok = lm
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    got, _ = eval_json(cli, "--model", gpt2_run, "--data", src, "--per-document", "--max-length", 16, "--stride", 5)
+    got, _ = eval_json(cli, "--model", sharp_run, "--data", src, "--per-document", "--max-length", 16, "--stride", 5)
     ref_nll = ref_n = 0
     for d in DOCS:
         nll, n = reference_hf_guide(model, tok(d, add_special_tokens=False)["input_ids"], 16, 5)
@@ -172,7 +220,7 @@ def test_per_document_sliding_matches_the_guide(cli, gpt2_run, lm, tmp_path):
     assert got["metrics"]["tokens_scored"] == ref_n == sum(len(tok(d)["input_ids"]) - 1 for d in DOCS)
     assert close(got["metrics"]["nll"] * ref_n, ref_nll)
     # joined mode: one text, documents separated by a blank line
-    joined, _ = eval_json(cli, "--model", gpt2_run, "--data", src)
+    joined, _ = eval_json(cli, "--model", sharp_run, "--data", src)
     text = "\n\n".join(DOCS)
     assert joined["metrics"]["bytes"] == len(text.encode()) and joined["metrics"]["documents"] == 1
     assert joined["metrics"]["words"] == len(re.split(r"\s+", text))
@@ -424,12 +472,12 @@ def test_roberta_causal_lm_default_window_fits(cli, gpt2_run, tmp_path):
     assert got["metrics"]["tokens_scored"] == len(tok(SAMPLE[:3000])["input_ids"]) - 1
 
 
-def test_two_processes_match_one(cli, gpt2_run, tmp_path):
+def test_two_processes_match_one(cli, sharp_run, tmp_path):
     """--num-processes 2 (gloo ranks on CPU): the windows are split across the ranks and the sums
     reduced, so the numbers are the single process's; the main process alone reports them."""
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS + [SAMPLE[:2500]]))
-    args = ["eval", "--model", str(gpt2_run), "--data", str(src), "--per-document", "--max-length", "16", "--stride", "12", "--batch-size", "2", "--json"]
+    args = ["eval", "--model", str(sharp_run), "--data", str(src), "--per-document", "--max-length", "16", "--stride", "12", "--batch-size", "2", "--json"]
     one, _ = eval_json(cli, *args[1:-1])
     proc = subprocess.run([sys.executable, "-m", "llmcli", *args, "--num-processes", "2"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
