@@ -217,18 +217,19 @@ def eval_(
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="metric=value: exit 3 if the metric is below (repeatable).")] = None,
     fail_over: Annotated[Optional[list[str]], typer.Option("--fail-over", help="metric=value: exit 3 if the metric is above (repeatable).")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes to launch through accelerate (one per GPU); the work is split across them.")] = None,
 ):
     """Evaluate a model: perplexity and bits per byte for LMs, accuracy/precision/recall/F1 for classifiers."""
 
     def body():
-        from llmcli import evaluate
+        from llmcli import launch
         from llmcli.config import load_config
 
         flags = {
             "model.model_name_or_path": model, "data.validation_file": data, "data.dataset_name": dataset,
             "data.dataset_config_name": dataset_config, "eval.split": split, "eval.max_length": max_length, "eval.stride": stride,
             "data.text_column": text_column, "data.label_column": label_column, "eval.batch_size": batch_size,
-            "eval.add_bos": add_bos, "eval.per_document": per_document,
+            "eval.add_bos": add_bos, "eval.per_document": per_document, "launch.num_processes": num_processes,
         }
         sets = list(set_ or [])
         if data is not None:
@@ -237,6 +238,10 @@ def eval_(
             sets += ["data.train_file=null", "data.validation_file=null"]
         sets += [f"eval.fail_under.{g}" for g in fail_under or []] + [f"eval.fail_over.{g}" for g in fail_over or []]
         cfg = load_config(config, _overrides(sets, None, **flags), command="eval")
+        if launch.wanted(cfg):
+            raise typer.Exit(launch.relaunch(cfg))  # before torch is imported: the launcher stays light
+        from llmcli import evaluate
+
         evaluate.run(cfg, checkpoint=checkpoint, as_json=json_, output_path=output, errors_path=errors, device=device, dtype=dtype)
 
     _invoke(body, quiet or json_, debug)

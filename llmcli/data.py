@@ -253,11 +253,12 @@ def load_eval_split(data: DataSection, split: str):
 
 
 def label_key(value, names) -> str:
-    """A raw label as the string used in label2id (ClassLabel ints become their names)."""
-    if names is not None and isinstance(value, int):
-        return names[value]
+    """A raw label as the string used in label2id (ClassLabel ids become their names; an id
+    outside the names, such as -1, stays a number and so matches no label)."""
     if isinstance(value, bool):
         return str(int(value))
+    if names is not None and isinstance(value, int) and 0 <= value < len(names):
+        return names[value]
     return str(value)
 
 
@@ -265,6 +266,10 @@ def _check_labels(values, label2id: dict[str, int], names, split: str, col: str)
     for i, value in enumerate(values):
         if value is None:
             raise DataError(f"data.label_column: row {i + 1} of the {split} data has no '{col}' value")
+        if names is not None and value == -1:  # datasets' ClassLabel for "no label" (GLUE test splits)
+            n = sum(1 for v in values if v == -1)
+            raise DataError(f"the {split} data is unlabelled: {n} of {len(values)} rows have label -1 in '{col}' "
+                            "(hub test splits hold no labels); use a labelled split, e.g. --split validation")
         key = label_key(value, names)
         if key not in label2id:
             known = ", ".join(list(label2id)[:20])

@@ -19,10 +19,6 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def rank_and_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def distributed_state():
     """accelerate's process state. Without a GPU, ranks talk over gloo (`cpu=True`); Trainer is
     given the same choice (`use_cpu`), since the state is a singleton set up by its first caller."""

@@ -6,19 +6,23 @@
 
 Causal LMs (the protocol is printed and saved with every number):
 - the evaluation text is a plain-text file's exact contents, or a dataset's documents joined
-  with "\\n\\n"; it is tokenized once, with no BOS unless --add-bos;
-- windows of at most `max_length` tokens: window 0 is tokens [0, max_length); each next window
-  ends `stride` tokens later and starts `max_length` tokens before its end; it scores the tokens
-  it adds, with everything before them in the window as context. With stride < max_length this
-  is exactly the Transformers perplexity guide. When a window would start at or after the
-  previous window's end (stride = max_length), it starts instead on the previous window's last
-  scored token, as lm-eval's rolling windows do, so no token is skipped;
-- every token after the first is scored exactly once: `tokens_scored` = tokens - 1 (per document
-  with --per-document);
+  with "\\n\\n" (--per-document: each document on its own); it is tokenized once, with no BOS
+  unless --add-bos. Token 0 (the BOS with --add-bos) is context only; every later token is
+  scored exactly once, so `tokens_scored` = tokens - 1 per text;
+- stride = max_length (the default): lm-eval's `loglikelihood_rolling` windows, with token 0 as
+  its prefix token: the first window reads tokens [0, L) and predicts tokens [1, L+1); each next
+  window predicts the next L tokens (fewer at the end) from the L tokens before its last target;
+- stride < max_length: the Transformers perplexity guide's loop: windows [b, b+L) for b in
+  0, stride, 2*stride, ... until one reaches the end, each scoring the tokens that no earlier
+  window scored;
 - nll = mean negative log-likelihood per scored token (nats); perplexity = exp(nll);
   bits_per_byte = total NLL / (UTF-8 bytes x ln 2); byte_perplexity = exp(total NLL / bytes);
-  word_perplexity = exp(total NLL / whitespace-separated words), as lm-evaluation-harness.
-Masked LMs: masked-token loss and accuracy with BERT's 15% masking (80/10/10) from a fixed seed.
+  word_perplexity = exp(total NLL / words), words = len(re.split(r"\\s+", text)) per text, as
+  lm-evaluation-harness's wikitext task counts them.
+Masked LMs: masked-token loss and accuracy with BERT's 15% masking (80/10/10); block i's mask is
+drawn from a generator seeded with i, so numbers do not depend on batch size or process count.
+Under accelerate (--num-processes N), windows/blocks/examples are split across the ranks and the
+sums reduced, so the numbers equal a single process's; only the main process reports them.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 from llmcli import console, data, metrics, modeling
 from llmcli.config import Config
 from llmcli.errors import ConfigError, GateFailed
+from llmcli.dist import distributed_state, is_distributed, is_main_process, main_process_first
 
 LM_METRICS = ("nll", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "tokens_scored", "bytes", "words")
 MLM_METRICS = ("mlm_loss", "mlm_accuracy", "perplexity", "masked_tokens")
@@ -46,6 +51,8 @@ def run(cfg: Config, checkpoint: str | None = None, as_json: bool = False, outpu
         raise ConfigError("eval needs a model: pass --model (hub id, model dir or llmcli run dir)")
     path = modeling.resolve_model_path(cfg.model.model_name_or_path, checkpoint)
     start = time.perf_counter()
+    if device is None and is_distributed():
+        device = str(distributed_state().device)  # each rank on its own device
     model, tokenizer, kind = modeling.load_for_inference(path, cfg.model, device, dtype)
     task = {"classifier": "classification"}.get(kind, kind)
     _check_gate_names(cfg, task)
@@ -56,11 +63,10 @@ def run(cfg: Config, checkpoint: str | None = None, as_json: bool = False, outpu
         result_metrics, protocol = _eval_masked_lm(model, tokenizer, cfg)
     else:
         result_metrics, protocol = _eval_causal_lm(model, tokenizer, cfg)
-
-    from llmcli.dist import is_main_process
+    protocol.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."), processes=_rank_and_world()[1])
 
     if not is_main_process():
-        return {}  # under accelerate every rank computes the same numbers; the main process reports them
+        return {}  # the ranks hold the same reduced numbers; the main process reports them
     result = {
         "model": path,
         "task": task,
@@ -93,21 +99,31 @@ def _describe_data(cfg: Config) -> str:
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, score_from, end) per window over tokens [0, n_tokens): the window's input is
-    tokens [begin, end) and it scores tokens [score_from, end). See the module docstring."""
+    """(begin, score_from, end) per window over tokens [0, n_tokens): the model reads tokens
+    [begin, end - 1) (at most `max_length`) and scores tokens [score_from, end), each predicted
+    from the tokens before it in the window. Token 0 is context only; every later token is scored
+    once. stride >= max_length: lm-eval's rolling windows (token 0 as the prefix token);
+    otherwise the Transformers perplexity guide's placement. See the module docstring."""
     if n_tokens < 2:
         return []
-    out = []
-    end = min(max_length, n_tokens)
-    out.append((0, 1, end))
-    while end < n_tokens:
+    if stride >= max_length:
+        # lm_eval.utils.get_rolling_token_windows(tokens[1:], prefix_token=tokens[0], max_length, context_len=1)
+        # + make_disjoint_window: window 0 reads [0, L) and predicts [1, L+1); then each window predicts
+        # the next L tokens from the L tokens before its last target
+        end = min(max_length + 1, n_tokens)
+        out = [(0, 1, end)]
+        while end < n_tokens:
+            prev_end, end = end, min(end + max_length, n_tokens)
+            out.append((end - max_length - 1, prev_end, end))
+        return out
+    # the guide: for begin in range(0, n, stride): end = min(begin + L, n); trg_len = end - prev_end
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        out.append((begin, max(prev_end, 1), end))
         prev_end = end
-        end = min(prev_end + stride, n_tokens)
-        begin = max(0, end - max_length)
-        if begin >= prev_end:  # stride = max_length: start on the previous window's last scored token
-            begin = prev_end - 1
-            end = min(begin + max_length, n_tokens)
-        out.append((begin, prev_end, end))
+        if end == n_tokens:
+            break
     return out
 
 
@@ -125,7 +141,8 @@ def _eval_causal_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict
     if e.add_bos and tokenizer.bos_token_id is None:
         raise ConfigError("--add-bos: this tokenizer has no BOS token")
 
-    docs, plain = data.eval_documents(cfg.data, e.split)
+    with main_process_first():  # ranks share the datasets cache
+        docs, plain = data.eval_documents(cfg.data, e.split)
     if e.per_document:
         texts = [d for d in (re.split(r"\n\s*\n", "\n\n".join(docs)) if plain else docs) if d.strip()]
     else:
@@ -138,25 +155,29 @@ def _eval_causal_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict
             ids = [tokenizer.bos_token_id] + ids
         jobs.append((ids, windows(len(ids), max_length, stride)))
         n_bytes += len(text.encode("utf-8"))
-        n_words += len(text.split())
+        n_words += len(re.split(r"\s+", text))  # lm-eval's wikitext count: leading/trailing whitespace adds an empty word
     if not any(w for _, w in jobs):
         raise ConfigError("the evaluation text has fewer than 2 tokens: nothing to score")
 
-    total_nll, scored = 0.0, 0
     flat = [(ids, w) for ids, ws in jobs for w in ws]
-    with console.progress("eval", total=len(flat)) as bar, torch.inference_mode():
-        for b in range(0, len(flat), e.batch_size):
-            nll, count = _score_windows(model, flat[b : b + e.batch_size], tokenizer)
+    rank, world = _rank_and_world()
+    mine = flat[rank::world]
+    total_nll, scored = 0.0, 0
+    with console.progress("eval", total=len(mine)) as bar, torch.inference_mode():
+        for b in range(0, len(mine), e.batch_size):
+            nll, count = _score_windows(model, mine[b : b + e.batch_size], tokenizer)
             total_nll += nll
             scored += count
-            bar.advance(min(e.batch_size, len(flat) - b))
+            bar.advance(min(e.batch_size, len(mine) - b))
+    total_nll, scored = _sum_across_ranks([total_nll, scored])
+    scored = int(scored)
     mean = total_nll / scored
     result = {
         "nll": mean,
         "perplexity": _exp(mean),
         "bits_per_byte": total_nll / (n_bytes * math.log(2)),
         "byte_perplexity": _exp(total_nll / n_bytes),
-        "word_perplexity": _exp(total_nll / n_words) if n_words else None,
+        "word_perplexity": _exp(total_nll / n_words),
         "tokens_scored": scored,
         "bytes": n_bytes,
         "words": n_words,
@@ -165,33 +186,51 @@ def _eval_causal_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict
     protocol = {
         "max_length": max_length, "stride": stride, "add_bos": e.add_bos,
         "documents": "scored one by one" if e.per_document else "joined with \\n\\n into one text",
-        "windows": sum(len(w) for _, w in jobs),
-        "definition": "sliding windows; every token after the first scored once (llmcli eval --help / README)",
+        "windows": len(flat),
+        "definition": ("lm-eval loglikelihood_rolling windows (token 0 as prefix)" if stride == max_length
+                       else "Transformers perplexity guide sliding windows") + "; every token after the first scored once",
     }
     return result, protocol
 
 
 def _score_windows(model, batch, tokenizer) -> tuple[float, int]:
-    """Summed NLL and count of the scored tokens of a batch of windows (right-padded)."""
+    """Summed NLL (float64 over per-token fp32 losses) and count of the scored tokens of a batch
+    of windows (right-padded)."""
     import torch
 
-    width = max(end - begin for _, (begin, _, end) in batch)
+    width = max(end - 1 - begin for _, (begin, _, end) in batch)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    targets = torch.full((len(batch), width), -100, dtype=torch.long)  # targets[r, j]: the token after input j
     for row, (ids, (begin, score_from, end)) in enumerate(batch):
-        span = torch.tensor(ids[begin:end])
-        input_ids[row, : end - begin] = span
-        mask[row, : end - begin] = 1
-        labels[row, score_from - begin : end - begin] = span[score_from - begin :]
-    input_ids, mask, labels = (t.to(model.device) for t in (input_ids, mask, labels))
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
-    return nll.item(), int((shift_labels != -100).sum().item())
+        n = end - 1 - begin
+        input_ids[row, :n] = torch.tensor(ids[begin : end - 1])
+        mask[row, :n] = 1
+        targets[row, score_from - 1 - begin : n] = torch.tensor(ids[score_from:end])
+    input_ids, mask, targets = (t.to(model.device) for t in (input_ids, mask, targets))
+    logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    return losses.double().sum().item(), int((targets != -100).sum().item())
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if not is_distributed():
+        return 0, 1
+    state = distributed_state()
+    return state.process_index, state.num_processes
+
+
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums over the ranks (float64 all-reduce); the values themselves in one process."""
+    if not is_distributed():
+        return values
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=distributed_state().device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def _exp(x: float) -> float:
@@ -213,43 +252,62 @@ def _eval_masked_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict
         raise ConfigError("this masked LM's tokenizer has no mask token")
     context = modeling.context_length(model.config) or 512
     max_length = min(e.max_length or context, context)
-    docs, _ = data.eval_documents(cfg.data, e.split)
+    with main_process_first():
+        docs, _ = data.eval_documents(cfg.data, e.split)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
     body = max_length - 2
     blocks = [[tokenizer.cls_token_id] + ids[i : i + body] + [tokenizer.sep_token_id] for i in range(0, len(ids), body)]
-    generator = torch.Generator().manual_seed(0)
+    rank, world = _rank_and_world()
+    mine = list(range(len(blocks)))[rank::world]
     total_loss, total_correct, total_masked = 0.0, 0, 0
-    with console.progress("eval", total=len(blocks)) as bar, torch.inference_mode():
-        for b in range(0, len(blocks), e.batch_size):
-            chunk = blocks[b : b + e.batch_size]
-            width = max(len(x) for x in chunk)
+    with console.progress("eval", total=len(mine)) as bar, torch.inference_mode():
+        for b in range(0, len(mine), e.batch_size):
+            chunk = mine[b : b + e.batch_size]
+            width = max(len(blocks[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+            labels = torch.full_like(input_ids, -100)
             mask = torch.zeros_like(input_ids)
-            for row, block in enumerate(chunk):
-                input_ids[row, : len(block)] = torch.tensor(block)
-                mask[row, : len(block)] = 1
-            special = (input_ids == tokenizer.cls_token_id) | (input_ids == tokenizer.sep_token_id) | (mask == 0)
-            chosen = (torch.rand(input_ids.shape, generator=generator) < cfg.data.mlm_probability) & ~special
-            labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-            action = torch.rand(input_ids.shape, generator=generator)
-            random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator)
-            masked = input_ids.clone()
-            masked[chosen & (action < 0.8)] = tokenizer.mask_token_id
-            swap = chosen & (action >= 0.8) & (action < 0.9)
-            masked[swap] = random_ids[swap]
-            logits = model(input_ids=masked.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+            for row, i in enumerate(chunk):
+                masked, block_labels = mask_block(blocks[i], i, tokenizer, cfg.data.mlm_probability)
+                input_ids[row, : len(masked)] = masked
+                labels[row, : len(masked)] = block_labels
+                mask[row, : len(masked)] = 1
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
             sel = labels != -100
-            total_loss += torch.nn.functional.cross_entropy(logits[sel], labels[sel], reduction="sum").item()
+            losses = torch.nn.functional.cross_entropy(logits[sel], labels[sel], reduction="none")
+            total_loss += losses.double().sum().item()
             total_correct += int((logits[sel].argmax(-1) == labels[sel]).sum())
             total_masked += int(sel.sum())
             bar.advance(len(chunk))
+    total_loss, total_correct, total_masked = _sum_across_ranks([total_loss, total_correct, total_masked])
+    total_correct, total_masked = int(total_correct), int(total_masked)
     if total_masked == 0:
         raise ConfigError("the evaluation text is too short: no token was masked")
     loss = total_loss / total_masked
     result = {"mlm_loss": loss, "mlm_accuracy": total_correct / total_masked, "perplexity": _exp(loss), "masked_tokens": total_masked}
-    protocol = {"max_length": max_length, "mlm_probability": cfg.data.mlm_probability, "seed": 0,
-                "definition": "BERT masking (80% [MASK], 10% random, 10% kept) of non-special tokens, fixed seed"}
+    protocol = {"max_length": max_length, "mlm_probability": cfg.data.mlm_probability, "blocks": len(blocks),
+                "definition": "BERT masking (80% [MASK], 10% random, 10% kept) of non-special tokens; block i drawn with seed i"}
     return result, protocol
+
+
+def mask_block(block: list[int], index: int, tokenizer, probability: float):
+    """(masked input, labels) of one [CLS] ... [SEP] block: each non-special token is chosen with
+    `probability` (rand < p); a chosen token becomes [MASK] if its second draw is < 0.8, a random
+    token if < 0.9, else stays. The three draws (rand, rand, randint over the vocabulary), in that
+    order, come from `torch.Generator().manual_seed(index)`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(index)
+    ids = torch.tensor(block)
+    special = (ids == tokenizer.cls_token_id) | (ids == tokenizer.sep_token_id)
+    chosen = (torch.rand(ids.shape, generator=generator) < probability) & ~special
+    action = torch.rand(ids.shape, generator=generator)
+    random_ids = torch.randint(len(tokenizer), ids.shape, generator=generator)
+    masked = ids.clone()
+    masked[chosen & (action < 0.8)] = tokenizer.mask_token_id
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, torch.where(chosen, ids, torch.full_like(ids, -100))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,27 +318,35 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
     import torch
     from transformers import DataCollatorWithPadding
 
-    label2id = modeling.user_labels(model.config) or {str(k): int(v) for k, v in model.config.label2id.items()}
-    label_names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
-    raw = data.load_eval_split(cfg.data, cfg.eval.split)
+    with main_process_first():
+        raw = data.load_eval_split(cfg.data, cfg.eval.split)
     text_col, pair_col, label_col = data.classification_columns(raw, cfg.data)
-    encoded = data.tokenize_classification(raw, tokenizer, label2id, cfg.data, "evaluation")
+    label_names, label2id = _model_labels(model.config, raw.features[label_col])
+    encoded = data.tokenize_classification(raw, tokenizer, label2id, cfg.data, _split_name(cfg))
     tokenizer.padding_side = "right"  # absolute position embeddings (BERT, GPT-2) must start at 0
     collate = DataCollatorWithPadding(tokenizer)
-    preds, labels, scores = [], [], []
+    rank, world = _rank_and_world()
+    mine = list(range(len(encoded)))[rank::world]
+    rows = []  # (index, label, prediction, score)
     bs = cfg.eval.batch_size
-    with console.progress("eval", total=len(encoded)) as bar, torch.inference_mode():
-        for b in range(0, len(encoded), bs):
-            batch = collate([encoded[i] for i in range(b, min(b + bs, len(encoded)))])
+    with console.progress("eval", total=len(mine)) as bar, torch.inference_mode():
+        for b in range(0, len(mine), bs):
+            chunk = mine[b : b + bs]
+            batch = collate([encoded[i] for i in chunk])
             y = batch.pop("labels")
             logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
             probs = torch.softmax(logits, -1)
-            preds += probs.argmax(-1).tolist()
-            scores += probs.max(-1).values.tolist()
-            labels += y.tolist()
-            bar.advance(len(y))
+            rows += zip(chunk, y.tolist(), probs.argmax(-1).tolist(), probs.max(-1).values.tolist())
+            bar.advance(len(chunk))
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = sorted(r for part in gathered for r in part)
+    labels, preds, scores = [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
     report = metrics.classification_report(labels, preds, label_names)
-    if errors_path:
+    if errors_path and is_main_process():
         with open(errors_path, "w", encoding="utf-8") as fh:
             for i, (y, p) in enumerate(zip(labels, preds)):
                 if y != p:
@@ -293,6 +359,31 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
     result.update(examples=len(labels), per_class=report["per_class"], confusion_matrix=report["confusion_matrix"])
     protocol = {"max_seq_length": cfg.data.max_seq_length, "averaging": "macro over classes", "labels": label_names}
     return result, protocol
+
+
+def _model_labels(config, feature) -> tuple[list[str], dict[str, int]]:
+    """(label names by id, data label -> id). A classifier with its own label names maps data labels
+    by name; one with the library's LABEL_0.. placeholders maps them by index: integer labels, a
+    ClassLabel's ids (reported under its names) or the placeholder strings themselves."""
+    named = modeling.user_labels(config)
+    if named:
+        return [name for name, _ in sorted(named.items(), key=lambda kv: kv[1])], named
+    n = config.num_labels
+    names = list(getattr(feature, "names", None) or [])
+    label_names = names if len(names) == n else [str(i) for i in range(n)]
+    by_index: dict[str, int] = {}
+    for keys in (label_names, names[:n], [str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)]):
+        for i, key in enumerate(keys):
+            by_index.setdefault(key, i)  # a ClassLabel's own names win over digit strings
+    return label_names, by_index
+
+
+def _split_name(cfg: Config) -> str:
+    """How the label checks name the evaluated data: a hub split, or the file."""
+    d = cfg.data
+    if d.validation_file or d.train_file:
+        return _describe_data(cfg)
+    return f"'{cfg.eval.split}' split of {d.dataset_name}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,12 +86,31 @@ def load_pretrained_config(path: str, m: ModelSection):
         raise ConfigError(f"could not load the model config of '{path}': {first_line(err)}") from None
 
 
+# Models whose position ids start at padding_idx + 1 (fairseq's make_positions; transformers'
+# create_position_ids_from_input_ids): RoBERTa's 514 position rows hold 512 usable positions.
+OFFSET_POSITION_TYPES = frozenset({
+    "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod", "ibert",
+    "longformer", "luke", "lilt", "markuplm", "layoutlmv3", "mpnet", "esm",
+})
+
+
 def context_length(config) -> int | None:
+    """Tokens the model can attend over: its position-table size less any position-id offset."""
     for attr in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return value - _position_offset(config)
     return None
+
+
+def _position_offset(config) -> int:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in OFFSET_POSITION_TYPES:
+        return 0
+    if model_type == "esm" and getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return 0  # ESM-2's rotary positions use no table
+    padding_idx = 1 if model_type == "mpnet" else getattr(config, "pad_token_id", None)  # MPNet hard-codes 1
+    return (1 if padding_idx is None else padding_idx) + 1
 
 
 # --------------------------------------------------------------------------------------------
