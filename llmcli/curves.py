@@ -4,7 +4,7 @@
 
 Panels (each only when its keys were logged): training loss (raw and smoothed) with eval loss,
 eval perplexity (log scale) or eval accuracy/F1, learning rate, grad norm, and reward/KL for
-feedback methods; x is the step, with tokens seen on a second axis when they were counted.
+feedback methods; x is the step, and the title gives the tokens seen when they were counted.
 This module reads run-dir files only (no torch); matplotlib draws on its Agg canvas (no display,
 no pyplot state). `CurvesCallback` (a TrainerCallback, built lazily) redraws at each evaluation,
 checkpoint and at the end of training on the main process, and never stops training.
@@ -108,19 +108,16 @@ def draw_curves(run_dir: str | os.PathLike, path: str | os.PathLike | None = Non
     if not panels:
         axes[0].text(0.5, 0.5, "no training metrics logged yet", ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_axis_off()
-    tokens = _tokens_axis(records)
+    tokens = tokens_label(records)
     resumes = resume_steps(records)
     steps = [s for p in panels for line in p["lines"] for s in line[1]]
     for i, (ax, panel) in enumerate(zip(axes, panels)):
         _draw_panel(ax, panel, resumes)
         pad = max(0.03 * (max(steps) - min(steps)), 0.5)
         ax.set_xlim(min(steps) - pad, max(steps) + pad)  # one x range for every panel
-        if tokens is not None and i < 2:
-            top = ax.secondary_xaxis("top", functions=tokens)
-            top.set_xlabel("tokens seen")
-            top.xaxis.set_major_formatter(_si_formatter())
     last = max((r["step"] for r in records), default=0)
-    fig.suptitle(f"{run_dir.resolve().name}: {_task_of(run_dir, records)}, step {last:,}  (updated {time.strftime('%Y-%m-%d %H:%M')})")
+    about = ", ".join(p for p in (_task_of(run_dir, records), f"step {last:,}", tokens) if p)
+    fig.suptitle(f"{run_dir.resolve().name}: {about}  (updated {time.strftime('%Y-%m-%d %H:%M')})")
     save_png(fig, out)
     return out
 
@@ -179,12 +176,11 @@ def _figure(n: int):
 
     cols = 1 if n == 1 else 2
     rows = math.ceil(n / cols)
-    height = 3.2 * rows + 1.4
+    height = 3.2 * rows + 0.9
     fig = Figure(figsize=(6 * cols, height))
-    # fixed margins in inches (constrained layout would double the drawing time): the top one
-    # holds the title, the panel titles and the tokens axis
+    # fixed margins in inches (constrained layout would double the drawing time)
     fig.subplots_adjust(left=0.08 if cols == 2 else 0.12, right=0.98, wspace=0.22, hspace=0.45,
-                        bottom=0.55 / height, top=1 - 1.05 / height)
+                        bottom=0.55 / height, top=1 - 0.75 / height)
     fig.subplots(rows, cols, squeeze=False)
     for ax in fig.axes[n:]:
         ax.remove()
@@ -227,39 +223,19 @@ def _draw_panel(ax, panel: dict[str, Any], resumes: list[int]) -> None:
     ax.set_title(panel["title"] + (" (log scale)" if log else ""))
     ax.set_xlabel("step")
     ax.set_ylabel(panel["ylabel"])
-    ax.grid(True, alpha=0.3, which="both" if log else "major")
+    ax.grid(True, alpha=0.3)
     if len(panel["lines"]) > 1 or (resumes and panel["title"] == "loss"):
         ax.legend(fontsize="small")
 
 
-def _tokens_axis(records: list[dict[str, Any]]):
-    """step <-> tokens-seen conversions for a secondary x axis (None when tokens were not counted)."""
+def tokens_label(records: list[dict[str, Any]]) -> str | None:
+    """'10.2k tokens seen (256/step)' when tokens were counted (in the title: a second x axis
+    would add a third to the drawing time)."""
     steps, tokens = series(records, "num_input_tokens_seen")
-    pairs = [(s, t) for s, t in zip(steps, tokens) if t > 0]
-    if not pairs:
+    if not steps or tokens[-1] <= 0:
         return None
-    import numpy as np
-
-    xs = np.array([0.0] + [p[0] for p in pairs])
-    ys = np.array([0.0] + [p[1] for p in pairs])
-    ys = np.maximum.accumulate(ys)
-    rate = ys[-1] / xs[-1] if xs[-1] > 0 else 1.0
-
-    def to_tokens(x):
-        x = np.asarray(x, dtype=float)
-        return np.where(x <= xs[-1], np.interp(x, xs, ys), ys[-1] + (x - xs[-1]) * rate)
-
-    def to_steps(t):
-        t = np.asarray(t, dtype=float)
-        return np.where(t <= ys[-1], np.interp(t, ys, xs), xs[-1] + (t - ys[-1]) / rate)
-
-    return to_tokens, to_steps
-
-
-def _si_formatter():
-    from matplotlib.ticker import FuncFormatter
-
-    return FuncFormatter(lambda v, _pos: human(v))
+    rate = f" ({human(tokens[-1] / steps[-1])}/step)" if steps[-1] > 0 else ""
+    return f"{human(tokens[-1])} tokens seen{rate}"
 
 
 def human(value: float) -> str:
@@ -300,31 +276,32 @@ def _make_callback():
     from transformers import TrainerCallback
 
     class CurvesCallback(TrainerCallback):
-        """Redraw <run dir>/curves.png at each evaluation, checkpoint save and at the end of
-        training (main process only). A drawing takes about half a second on a slow CPU; one
-        during training is skipped while drawing has already taken `budget` (5%) of the time
-        since training began, so short, frequently evaluated runs are not slowed. The drawing at
-        the end always happens. A failure is one warning, never an error in training."""
+        """Redraw <run dir>/curves.png at evaluations and checkpoint saves during training, and at
+        the end (main process only). A drawing takes 0.3-1.5 s of CPU, so one during training is
+        skipped when the last was less than `every` seconds ago or drawing has already taken
+        `budget` of the training time: a run never slows by more than a few percent, and a run
+        shorter than `every` draws only at the end. A failure is one warning, never an error."""
 
-        def __init__(self, run_dir: str | os.PathLike | None = None, budget: float = 0.05):
+        def __init__(self, run_dir: str | os.PathLike | None = None, every: float = 30.0, budget: float = 0.05):
             self.run_dir = Path(run_dir) if run_dir is not None else None
-            self.budget = budget
+            self.every, self.budget = every, budget
             self.warned = False
             self.seconds = 0.0  # time spent drawing so far
             self.draws = 0
             self.ended = False
-            self.began = time.perf_counter()
+            self.began = self.last = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.began, self.ended = time.perf_counter(), False
+            self.began = self.last = time.perf_counter()
+            self.ended = False
 
         def redraw(self, args, state, final: bool = False) -> Path | None:
             if not state.is_world_process_zero:
                 return None
+            now = time.perf_counter()
             self.ended = self.ended or final  # fit() may evaluate once more after training: draw that too
-            if not self.ended and self.seconds > self.budget * (time.perf_counter() - self.began):
+            if not self.ended and (now - self.last < self.every or self.seconds > self.budget * (now - self.began)):
                 return None
-            start = time.perf_counter()
             self.draws += 1
             try:
                 return draw_curves(self.run_dir or args.output_dir)
@@ -336,7 +313,8 @@ def _make_callback():
                     self.warned = True
                 return None
             finally:
-                self.seconds += time.perf_counter() - start
+                self.last = time.perf_counter()
+                self.seconds += self.last - now
 
         def on_evaluate(self, args, state, control, **kwargs):
             self.redraw(args, state)

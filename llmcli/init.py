@@ -236,6 +236,6 @@ def _dump(name: str, value: Any, indent: int) -> list[str]:
 
         text = json.dumps(value, ensure_ascii=False)  # a JSON string is a valid double-quoted YAML scalar
     else:
-        text = yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True).strip()
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000, allow_unicode=True).strip()
         text = text.removesuffix("...").strip()  # the document-end marker after a plain scalar
     return [" " * indent + f"{name}: {text}"]
