@@ -272,8 +272,10 @@ def _model_config(path: Path) -> dict | None:
 
 def _model_name(path: Path, cfg: dict) -> str | None:
     """'gpt2 2x64' (type, layers x width) from the saved model config, else the configured model."""
-    config = _model_config(path)
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    config = _model_config(path)
+    if not config and not model.get("model_name_or_path") and isinstance(model.get("config_overrides"), dict):
+        config = {"model_type": model.get("model_type"), **model["config_overrides"]}  # from scratch, nothing saved yet
     if config:
         layers = next((config[k] for k in ("n_layer", "num_hidden_layers", "num_layers") if isinstance(config.get(k), int)), None)
         width = next((config[k] for k in ("n_embd", "hidden_size", "d_model") if isinstance(config.get(k), int)), None)
