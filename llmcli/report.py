@@ -37,6 +37,8 @@ _EXIT_SIGINT = 130
 def run(paths: list[str], as_json: bool = False, plot: bool = False, watch: bool = False, interval: float = 10.0,
         output: str | None = None) -> int:
     """The whole command; returns the exit code (130 when --watch is stopped with Ctrl-C)."""
+    if as_json and plot:
+        raise ConfigError("--plot draws on stdout, which --json keeps for the JSON: use one or the other")
     dirs = expand(paths)
     if output is not None and not Path(output).parent.is_dir():
         raise ConfigError(f"--output {output}: directory {Path(output).parent} does not exist")

@@ -285,6 +285,7 @@ def test_report_compare_png_and_terminal_plot(cli, runs, tmp_path):
     assert f"  • {runs['finished']}" in text and f"  x {runs['resumed']}" in text
     assert "\x1b[" not in text  # not a terminal: no colour codes
     assert cli("report", runs["finished"], "--output", tmp_path / "no" / "x.png", expect=2).stderr.startswith("error: --output")
+    assert cli("report", runs["finished"], "--json", "--plot", expect=2).stdout == ""
 
 
 def test_report_never_imports_torch(runs, tmp_path):
