@@ -9,7 +9,8 @@
 A RUN is a run dir, a dir of run dirs (a sweep) or a glob. Status: `finished` (summary.json and
 no live lock), `running` (the lock's pid is alive on this host, or the lock is another host's),
 `interrupted` (no summary and no live lock: the same command resumes it), `failed` (summary.json
-says "status": "failed").
+says "status": "failed"). A summary older than the last logged step (a later session stopped
+before writing its own) does not count.
 """
 
 from __future__ import annotations
@@ -135,10 +136,8 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
 
     if lock is not None and lock["live"]:
         status = "running"
-    elif summary and summary.get("status") in STATUSES:
-        status = summary["status"]
     elif summary and (summary.get("global_step") or 0) >= logged:
-        status = "finished"
+        status = summary["status"] if summary.get("status") in STATUSES else "finished"
     else:
         status = "interrupted"  # no summary, or a later session (a resume) stopped before writing its own
     step = summary.get("global_step") if status == "finished" else None

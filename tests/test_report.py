@@ -242,20 +242,20 @@ def test_report_table_running_failed_and_stale_lock(cli, runs, tmp_path):
         (running / "summary.json").unlink()
         (running / ".llmcli.lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "started": "now"}))
         failed = copy("failed")
-        (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "loss became nan at step 7", "global_step": 7}))
+        (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "loss became nan at step 21", "global_step": 20}))
         stale = copy("stale")
         (stale / "summary.json").unlink()
         (stale / ".llmcli.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"}))
         rows = json.loads(cli("report", running, failed, stale, "--json").stdout)["runs"]
         assert [r["status"] for r in rows] == ["running", "failed", "interrupted"]
-        assert rows[0]["lock"]["pid"] == live.pid and rows[1]["error"] == "loss became nan at step 7"
+        assert rows[0]["lock"]["pid"] == live.pid and rows[1]["error"] == "loss became nan at step 21"
         table = cli("report", running, failed, stale, runs["interrupted"]).stdout.splitlines()
     finally:
         live.kill()
         live.wait()
     assert table[0].split() == ["run", "model", "params", "task", "steps", "tokens", "time", "tok/s", "metric", "final", "best", "status"]
     assert table[1].endswith(f"running (pid {live.pid})") and " 20/20 " in table[1]
-    assert table[2].endswith("failed: loss became nan at step 7")
+    assert table[2].endswith("failed: loss became nan at step 21")
     assert table[3].endswith("interrupted at step 20 (no checkpoint)")
     assert table[4].endswith(f"interrupted at step {INTERRUPT_AT}") and f" {INTERRUPT_AT}/20 " in table[4]
     assert len(table) == 5
