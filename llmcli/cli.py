@@ -21,7 +21,7 @@ app = typer.Typer(
     name="llmcli",
     help="Train, fine-tune, generate with and evaluate GPT-2 and BERT style models: one command, one YAML file.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -245,6 +245,53 @@ def eval_(
         evaluate.run(cfg, checkpoint=checkpoint, as_json=json_, output_path=output, errors_path=errors, device=device, dtype=dtype)
 
     _invoke(body, quiet or json_, debug)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Run dirs, sweep dirs (their run dirs) or globs ('runs/*').", show_default=False)],
+    json_: Annotated[bool, typer.Option("--json", help='Print {"runs": [{"path", "status", "step", ...}]} on stdout and nothing else.')] = False,
+    plot: Annotated[bool, typer.Option("--plot", help="Also draw the loss curves in the terminal (plotext).")] = False,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write a PNG overlaying the runs' curves (e.g. compare.png).")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until no run is running (Ctrl-C exits 130).")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between --watch refreshes.")] = 10.0,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Compare training runs: model, size, steps, tokens, time, final/best metrics and status (no torch needed)."""
+
+    def body():
+        from llmcli import report as rep
+
+        code = rep.run(runs, as_json=json_, plot=plot, watch=watch, interval=interval, output=output)
+        if code:
+            raise typer.Exit(code)
+
+    _invoke(body, quiet or json_, debug)
+
+
+class InitCommand(str, Enum):
+    pretrain = "pretrain"
+    finetune = "finetune"
+    generate = "generate"
+    eval = "eval"
+    sweep = "sweep"
+
+
+@app.command()
+def init(
+    command: Annotated[InitCommand, typer.Argument(help="The command the config is for.", show_default=False)],
+    from_: Annotated[Optional[Path], typer.Option("--from", help="Take the values from this config (the rest: defaults).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the YAML to this file instead of stdout.")] = None,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Print a commented config holding every key a command reads, with its default and description."""
+
+    def body():
+        from llmcli import init as init_module
+
+        init_module.run(command.value, from_path=str(from_) if from_ is not None else None, output=output)
+
+    _invoke(body, quiet, debug)
 
 
 def main() -> None:
