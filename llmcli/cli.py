@@ -8,6 +8,7 @@ the exit codes in `llmcli.errors`; `--debug` shows the traceback.
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -15,7 +16,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from llmcli import __version__, console
-from llmcli.errors import EXIT_FAILURE, EXIT_SIGINT, LlmcliError
+from llmcli.errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, LlmcliError
 
 app = typer.Typer(
     name="llmcli",
@@ -58,8 +59,8 @@ def main_callback(
     """Train, fine-tune, generate with and evaluate GPT-2 and BERT style models."""
 
 
-def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
-    """Run a command body; map errors to one-line messages and exit codes."""
+def _invoke(fn: Callable[[], object], quiet: bool, debug: bool, on_exit: Callable[[int], None] | None = None):
+    """Run a command body; map errors to one-line messages and exit codes (`on_exit(code)` runs last)."""
     # under accelerate/torchrun only the main process talks; errors still print on every rank
     from llmcli.dist import is_main_process  # stdlib-only module: --help stays fast
 
@@ -91,6 +92,8 @@ def _invoke(fn: Callable[[], object], quiet: bool, debug: bool):
             from llmcli.launch import write_exit_code
 
             write_exit_code(code)
+        if on_exit is not None:
+            on_exit(code)
     if code:
         raise typer.Exit(code)
 
@@ -119,6 +122,8 @@ def _overrides(sets: Optional[list[str]], output_dir: Optional[str] = None, **fl
 
 
 def _train_command(command: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, extra=()):
+    run: dict = {}
+
     def body():
         from llmcli import finetune, launch, pretrain
         from llmcli.config import load_config
@@ -127,9 +132,21 @@ def _train_command(command: str, config, sets, output_dir, resume, overwrite, dr
         cfg = load_config(config, _overrides(sets, output_dir) + list(extra), command=command)
         if launch.wanted(cfg) and not dry_run:
             raise typer.Exit(launch.relaunch(cfg))
-        module.run(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
+        run["dir"] = None if dry_run else cfg.training.output_dir
+        run["summary"] = module.run(cfg, resume=resume, overwrite=overwrite, dry_run=dry_run)
 
-    _invoke(body, quiet, debug)
+    def final_line(code: int) -> None:
+        """`--quiet` runs end with one stderr line for cron mail: `llmcli: pretrain runs/x finished step=600 eval_loss=1.47`.
+        Usage, data and lock errors (2, 4, 75) trained nothing: their own error line says it all."""
+        from llmcli.dist import is_main_process
+
+        status = {0: "finished", EXIT_SIGINT: "interrupted", EXIT_SIGTERM: "interrupted", EXIT_FAILURE: "failed"}.get(code)
+        if quiet and run.get("dir") and status and is_main_process():
+            from llmcli.report import final_line as line
+
+            print(line(command, run["dir"], status, run.get("summary")), file=sys.stderr, flush=True)
+
+    _invoke(body, quiet, debug, on_exit=final_line)
 
 
 @app.command()

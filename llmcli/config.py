@@ -73,11 +73,12 @@ class TrainingSection(BaseModel):
     early_stopping_patience: int | None = Field(None, ge=1, description="llmcli: stop after this many evaluations without improvement.")
     early_stopping_threshold: float = Field(0.0, ge=0, description="llmcli: minimum improvement that resets the patience counter.")
     nan_check: bool = Field(True, description="llmcli: stop with exit 1 on a NaN/inf loss, keeping the last good checkpoint.")
+    curves: bool = Field(True, description="llmcli: draw curves.png in the run dir at evaluations and at the end.")
     callbacks: list[str] = Field(default_factory=list, description="llmcli: your own TrainerCallback classes as 'module:Class' (built with no arguments).")
     seed: int = Field(42, description="Seed for model init, data order, held-out split and tokenizer training (TrainingArguments field).")
     include_num_input_tokens_seen: str | bool = Field("non_padding", description="Count tokens for tokens/s (TrainingArguments field).")
 
-    LLMCLI_KEYS: ClassVar[frozenset] = frozenset({"early_stopping_patience", "early_stopping_threshold", "nan_check", "callbacks"})
+    LLMCLI_KEYS: ClassVar[frozenset] = frozenset({"early_stopping_patience", "early_stopping_threshold", "nan_check", "callbacks", "curves"})
 
 
 class PeftSection(_Section):
@@ -158,9 +159,9 @@ class Config(_Section):
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None) -> Config:
     """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError (exit 2).
 
-    With `command`, sections that command does not read are checked (`check_sections`) and, when
-    it reads `training:`, those keys are checked against the task's arguments class; without one
-    (reading a run's saved config) only the schema is checked."""
+    With `command`, sections that command does not read are checked (`check_sections`). `training:`
+    keys are checked against the task's arguments class (and YAML strings such as `5e-4` converted)
+    unless the command does not read that section."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
@@ -174,10 +175,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
-    if command is None:
-        return cfg
-    check_sections(cfg, command, file_sections, set_sections)
-    if "training" in COMMAND_SECTIONS[command]:
+    if command is not None:
+        check_sections(cfg, command, file_sections, set_sections)
+    if command is None or "training" in COMMAND_SECTIONS[command]:
         from llmcli import tasks
 
         cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump(), tasks.args_class(cfg.task)))

@@ -185,7 +185,16 @@ def latest_checkpoint(run_dir: Path, warn: bool = True, remove_incomplete: bool 
 
 
 def holds_finished_run(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").exists() or any((run_dir / f).exists() for f in WEIGHT_FILES)
+    summary = read_summary(run_dir)
+    return (summary is not None and summary.get("status") != "failed") or any((run_dir / f).exists() for f in WEIGHT_FILES)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json ("status": "finished" or "failed"), or None when absent or unreadable."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protect: str | None = None) -> Path | None:
@@ -197,6 +206,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, protect: str |
       there, or when the dir holds `protect` (the model being fine-tuned);
     - a fresh start drops the metrics of a run killed before its first checkpoint.
     """
+    if (read_summary(run_dir) or {}).get("status") == "failed":
+        (run_dir / "summary.json").unlink()  # a failed session's: this one resumes or starts over
     staging = run_dir / STAGING_DIR
     if staging.is_dir():
         for partial in sorted(staging.iterdir()):
@@ -332,12 +343,10 @@ class RunDir:
         """The summary of a finished run here whose training config equals this one."""
         if not self.resume or not (self.path / "summary.json").exists():
             return None
-        if changed_keys(self.cfg, self.path / "config.yaml", ignore=NOT_TRAINING_KEYS) != []:
+        summary = read_summary(self.path)
+        if summary is None or summary.get("status") == "failed":
             return None
-        try:
-            return json.loads((self.path / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return summary if changed_keys(self.cfg, self.path / "config.yaml", ignore=NOT_TRAINING_KEYS) == [] else None
 
     def __exit__(self, *exc):
         self.lock.release()

@@ -85,6 +85,10 @@ def fit(
     guard = GracefulStop()
     # the signal guard comes last: it sees the control flow every other callback has set for this step
     every = [MetricsLog(run.path, is_lm), ConsoleProgress(is_lm), *user_callbacks(cfg), *callbacks, guard]
+    if cfg.training.curves:
+        from llmcli.curves import CurvesCallback
+
+        every.insert(1, CurvesCallback(run.path))
     if cfg.training.early_stopping_patience:
         if not args.load_best_model_at_end:
             raise ConfigError("training.early_stopping_patience needs training.load_best_model_at_end=true (and matching eval/save strategies)")
@@ -97,9 +101,16 @@ def fit(
     trainer.nan_check = cfg.training.nan_check
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    _tensorboard_under(trainer, run.path)
 
-    with guard.installed():
-        result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    try:
+        with guard.installed():
+            result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    except Exception as err:
+        if trainer.is_world_process_zero():  # `llmcli report` and cron see a failed run, not an interrupted one
+            write_json_atomic(run.path / "summary.json", {"status": "failed", "error": str(err).splitlines()[0][:500] if str(err) else type(err).__name__,
+                                                          "task": str(task), "global_step": trainer.state.global_step})
+        raise
     if guard.signum is not None:
         raise Interrupted(
             guard.signum,
@@ -129,6 +140,15 @@ def user_callbacks(cfg: Config) -> list[TrainerCallback]:
     return [tasks.callback_class(ref)() for ref in cfg.training.callbacks]
 
 
+def _tensorboard_under(trainer, run_path) -> None:
+    """`report_to: tensorboard` writes under <run>/tensorboard (Transformers' default is ./runs/<date>)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and getattr(cb, "logging_dir", None) is None:
+            cb.logging_dir = str(run_path / "tensorboard")
+
+
 def _save_final_model(trainer, path: str) -> None:
     """The final model at the run dir root, loadable with from_pretrained. Under FSDP with sharded
     checkpoints (SHARDED_STATE_DICT) Trainer.save_model writes nothing: gather a full state dict."""
@@ -153,7 +173,9 @@ def _summary(trainer, train_metrics: dict[str, Any], task, resumed_from: int | N
     runtime = float(train_metrics.get("train_runtime", 0.0))
     session_tokens = state.num_input_tokens_seen - (getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     return {
+        "status": "finished",
         "task": str(task),
+        "params": trainer.model.num_parameters() if hasattr(trainer.model, "num_parameters") else None,
         "train_loss": train_metrics.get("train_loss"),
         "global_step": state.global_step,
         "epoch": state.epoch,

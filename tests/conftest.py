@@ -23,12 +23,14 @@ TINY_GPT2 = [
     "model.config_overrides.n_head=2", "model.config_overrides.n_positions=128", "model.vocab_size=300",
     "data.block_size=32", "training.per_device_train_batch_size=8", "training.per_device_eval_batch_size=16",
     "training.learning_rate=3e-3", "training.logging_steps=5", "training.seed=0", "training.save_steps=1000",
+    "training.curves=false",  # drawing costs ~1 s a run: tests/test_report.py covers curves
 ]
 TINY_BERT = [
     "model.model_type=bert", "model.config_overrides.hidden_size=64", "model.config_overrides.num_hidden_layers=2",
     "model.config_overrides.num_attention_heads=2", "model.config_overrides.intermediate_size=128",
     "model.config_overrides.max_position_embeddings=128", "model.vocab_size=400", "data.block_size=32",
     "training.per_device_train_batch_size=8", "training.learning_rate=3e-3", "training.logging_steps=5", "training.seed=0",
+    "training.curves=false",
 ]
 
 
@@ -107,5 +109,5 @@ def classifier_run(tmp_path_factory, bert_run):
 CLASSIFIER = [
     "training.max_steps=60", "training.learning_rate=2e-3", "training.per_device_train_batch_size=16",
     "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=30", "training.save_steps=30",
-    "training.seed=0", "data.max_seq_length=32",
+    "training.seed=0", "data.max_seq_length=32", "training.curves=false",
 ]

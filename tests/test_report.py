@@ -22,17 +22,18 @@ TOKENS_PER_STEP = 8 * 32  # per_device_train_batch_size x block_size: every bloc
 INTERRUPT_AT = 13
 
 
-def _engine_run(out, callbacks=(), interrupt_at=None):
-    """pretrain through the engine with extra callbacks; SIGINT at `interrupt_at` (as Ctrl-C would)."""
+def _engine_run(out, interrupt_at=None):
+    """pretrain through the engine, curves on (the default); SIGINT at `interrupt_at` (as Ctrl-C would)."""
+    from hooks import TestHooks
     from llmcli import pretrain
     from llmcli.config import load_config
     from llmcli.errors import Interrupted
 
-    cfg = load_config(None, [*RUN, f"training.output_dir={out}"])
+    cfg = load_config(None, [*RUN, "training.curves=true", f"training.output_dir={out}"])
     if interrupt_at is None:
-        return pretrain.run(cfg, callbacks=callbacks)
+        return pretrain.run(cfg)
     marker = out.parent / f"{out.name}.paused"
-    os.environ.update(LLMCLI_TEST_PAUSE_AT_STEP=str(interrupt_at), LLMCLI_TEST_MARKER=str(marker))
+    os.environ.update(HOOK_PAUSE_AT_STEP=str(interrupt_at), HOOK_MARKER=str(marker))
 
     def interrupt():
         deadline = time.time() + 120
@@ -44,31 +45,30 @@ def _engine_run(out, callbacks=(), interrupt_at=None):
     thread.start()
     try:
         with pytest.raises(Interrupted):
-            pretrain.run(cfg, callbacks=callbacks)
+            pretrain.run(cfg, callbacks=(TestHooks(),))
     finally:
         thread.join()
-        for key in ("LLMCLI_TEST_PAUSE_AT_STEP", "LLMCLI_TEST_MARKER"):
+        for key in ("HOOK_PAUSE_AT_STEP", "HOOK_MARKER"):
             os.environ.pop(key, None)
 
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, _isolated_caches):
     """finished: a plain CLI run; interrupted: Ctrl-C at step 13; resumed: that run carried on to
-    the end. The last two train with CurvesCallback, as the engine will."""
+    the end. The last two draw curves, as every run does by default."""
     from typer.testing import CliRunner
 
     from llmcli.cli import app
-    from llmcli.curves import CurvesCallback
 
     root = tmp_path_factory.mktemp("report")
     finished = root / "finished"
     result = CliRunner().invoke(app, ["pretrain", *sets(*RUN), "-o", str(finished)], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     resumed = root / "resumed"
-    _engine_run(resumed, (CurvesCallback(resumed),), interrupt_at=INTERRUPT_AT)
+    _engine_run(resumed, interrupt_at=INTERRUPT_AT)
     interrupted = root / "interrupted"
     shutil.copytree(resumed, interrupted)
-    _engine_run(resumed, (CurvesCallback(resumed),))
+    _engine_run(resumed)
     return {"finished": finished, "interrupted": interrupted, "resumed": resumed}
 
 
@@ -310,7 +310,11 @@ def test_report_watch_until_done_and_ctrl_c(runs, tmp_path):
     watch = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stopped = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2.5)
+        import select
+
+        # Ctrl-C once the watcher is up and has drawn its first table (a loaded machine may take seconds to start it)
+        assert select.select([stopped.stdout], [], [], 120)[0], "report --watch printed nothing"
+        time.sleep(0.5)
         assert watch.poll() is None  # still watching: the run is running
         stopped.send_signal(signal.SIGINT)
         _, err = stopped.communicate(timeout=30)
@@ -334,3 +338,42 @@ def test_final_line_for_cron(runs):
     assert final_line("pretrain", runs["interrupted"], "interrupted", None) == (
         f"llmcli: pretrain {runs['interrupted']} interrupted step={INTERRUPT_AT} eval_loss={eval10:.6g}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The engine side: trackers, the cron line, failed runs
+
+
+def test_tensorboard_writes_the_loss_under_the_run_dir(cli, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=10",
+                          "training.report_to=tensorboard"), "-o", out)
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and not (Path.cwd() / "runs" / "tb").exists()
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = {e["step"]: e["loss"] for e in read_jsonl(out / "metrics.jsonl") if "loss" in e}
+    assert {s.step: round(s.value, 5) for s in acc.Scalars("train/loss")} == {k: round(v, 5) for k, v in logged.items()}
+
+
+def test_quiet_runs_end_with_one_line_for_cron(cli, tmp_path):
+    out = tmp_path / "q"
+    result = cli("pretrain", "--quiet", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}",
+                                              "training.max_steps=4", "training.eval_strategy=steps", "training.eval_steps=4"), "-o", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and result.stdout == ""
+    assert result.stderr == f"llmcli: pretrain {out} finished step=4 eval_loss={summary['eval_loss']:.6g}\n"
+
+
+def test_a_failed_run_says_so_in_its_summary_and_the_cron_line(cli, tmp_path, monkeypatch):
+    from hooks import CALLBACK
+
+    out = tmp_path / "nan"
+    monkeypatch.setenv("HOOK_NAN_AT_STEP", "3")
+    result = cli("pretrain", "--quiet", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}",
+                                              "training.max_steps=6", CALLBACK), "-o", out, expect=1)
+    assert result.stderr.splitlines()[-1] == f"llmcli: pretrain {out} failed step=2"
+    report = json.loads(cli("report", out, "--json").stdout)
+    assert [(r["status"], r["step"]) for r in report["runs"]] == [("failed", 2)]

@@ -152,7 +152,9 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(cli, tmp_path,
     result = cli(*args(out, CALLBACK), expect=1)
     assert "loss became nan at step 7" in result.stderr and "checkpoint-4" in result.stderr
     assert (out / "checkpoint-4" / "trainer_state.json").exists()
-    assert not (out / "checkpoint-8").exists() and not (out / "summary.json").exists()
+    assert not (out / "checkpoint-8").exists()
+    failed = json.loads((out / "summary.json").read_text())  # `llmcli report` and cron see a failed run
+    assert failed["status"] == "failed" and failed["global_step"] == 6 and "loss became nan" in failed["error"]
     monkeypatch.delenv("HOOK_NAN_AT_STEP")
     cli(*args(out))  # resumes from the good checkpoint
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 4
