@@ -34,6 +34,17 @@ TINY_BERT = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run only where CUDA is available (CI here has none)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 def sets(*items):
     """['a=1', ...] -> ['--set', 'a=1', ...]"""
     out = []

@@ -25,12 +25,15 @@ def test_trl_sft_trainer_through_fit_gets_a_complete_run_dir(tmp_path, gpt2_run)
 
     out = tmp_path / "sft"
     overrides = [f"training.output_dir={out}", "training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
-                 "training.per_device_train_batch_size=4", "training.max_length=32", "training.gradient_checkpointing=false",
-                 "training.eval_strategy=steps", "training.eval_steps=2", "training.report_to=none"]
+                 "training.per_device_train_batch_size=4", "training.gradient_checkpointing=false",
+                 "training.eval_strategy=steps", "training.eval_steps=2", "training.report_to=none", "training.curves=false"]
     cfg = load_config(None, overrides)
     from llmcli.config import TrainingSection, check_training_keys
 
-    cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump(), SFTConfig))
+    # SFTConfig's own fields (max_length) pass the same check that TrainingArguments' do
+    sft_keys = {**cfg.training.model_dump(), "max_length": "32"}
+    cfg.training = TrainingSection.model_validate(check_training_keys(sft_keys, SFTConfig))
+    assert cfg.training.max_length == 32  # converted per SFTConfig's declared type
     with pytest.raises(ConfigError, match="not a SFTConfig field"):
         check_training_keys({"max_lenght": 3}, SFTConfig)
 
@@ -71,3 +74,19 @@ def test_user_callbacks_must_be_trainer_callbacks(cli, tmp_path):
     result = cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={TEXT}", "training.max_steps=1",
                                    "training.callbacks=[nope.module:X]"), "-o", tmp_path / "r2", expect=2)
     assert "cannot import 'nope.module:X'" in result.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_runs_default_to_bf16_and_tf32_and_save_a_model(cli, tmp_path):
+    """On a GPU, bf16/tf32 are on unless the config says otherwise, and the run still saves a loadable model."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "gpu"
+    cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={TEXT}", "training.max_steps=4"), "-o", out)
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 4
+    from llmcli import training
+
+    cfg = load_config(out / "config.yaml")
+    built = training.training_arguments(cfg, has_eval=False)
+    assert built.bf16 is True and built.tf32 is True
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
