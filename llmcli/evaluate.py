@@ -133,7 +133,7 @@ def _eval_causal_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict
     e = cfg.eval
     context = modeling.context_length(model.config) or 1024
     max_length = e.max_length or context
-    if max_length > context:
+    if max_length > context and modeling.context_is_a_limit(model.config):
         raise ConfigError(f"eval.max_length={max_length} is larger than the model's context ({context} tokens)")
     stride = e.stride or max_length
     if stride > max_length:
@@ -187,6 +187,8 @@ def _eval_causal_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict
         "max_length": max_length, "stride": stride, "add_bos": e.add_bos,
         "documents": "scored one by one" if e.per_document else "joined with \\n\\n into one text",
         "windows": len(flat),
+        "max_length_from": ("--max-length" if e.max_length else "the model's context" if modeling.context_is_a_limit(model.config)
+                            else "the model's default window (max_position_embeddings; it has no context limit)"),
         "definition": ("lm-eval loglikelihood_rolling windows (token 0 as prefix)" if stride == max_length
                        else "Transformers perplexity guide sliding windows") + "; every token after the first scored once",
     }

@@ -268,6 +268,8 @@ def _encode(tokenizer, text: str) -> list[int] | None:
 
 
 def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
+    if not modeling.context_is_a_limit(model.config):
+        return sys.maxsize  # a recurrent model reads prompts of any length
     context = modeling.context_length(model.config) or 1024
     if kind == "classification":
         return context

@@ -103,6 +103,12 @@ def context_length(config) -> int | None:
     return None
 
 
+def context_is_a_limit(config) -> bool:
+    """False for models without a position table (llmcli's GRU): their `context_length` is only a
+    default window for blocks and eval, and longer inputs are fine."""
+    return bool(getattr(config, "context_is_a_limit", True))
+
+
 def _position_offset(config) -> int:
     model_type = getattr(config, "model_type", None)
     if model_type not in OFFSET_POSITION_TYPES:
@@ -119,16 +125,10 @@ def _position_offset(config) -> int:
 
 def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label_names: list[str] | None = None):
     """From scratch (no model path) or from_pretrained, with the head `task` needs."""
-    from transformers import AutoConfig
-
     m = cfg.model
     head = tasks.auto_class(task)
     if model_path is None:
-        try:
-            config = AutoConfig.for_model(m.model_type)
-        except ValueError:
-            raise ConfigError(f"model.model_type: unknown model type '{m.model_type}' (e.g. gpt2, bert, llama)") from None
-        _apply_overrides(config, m.config_overrides)
+        config = scratch_config(m)
         vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
         multiple = m.pad_vocab_to_multiple_of
         config.vocab_size = ((vocab + multiple - 1) // multiple) * multiple
@@ -161,6 +161,22 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     return model
 
 
+def scratch_config(m: ModelSection):
+    """The architecture config of a from-scratch model: `model_type` + `config_overrides`, checked
+    (commands call it before touching the run dir, so a bad override is exit 2 with nothing written)."""
+    from transformers import AutoConfig
+
+    from llmcli import models
+
+    models.register()
+    try:
+        config = AutoConfig.for_model(m.model_type)
+    except ValueError:
+        raise ConfigError(f"model.model_type: unknown model type '{m.model_type}' (e.g. gpt2, bert, llama)") from None
+    _apply_overrides(config, m.config_overrides)
+    return config
+
+
 def _load_kwargs(m: ModelSection, **extra) -> dict[str, Any]:
     """from_pretrained options: safetensors only unless allow_pickle, remote code only if trusted."""
     kwargs: dict[str, Any] = {"trust_remote_code": m.trust_remote_code, "revision": m.revision, **extra}
@@ -180,7 +196,15 @@ def _apply_overrides(config, overrides: dict[str, Any]) -> None:
             match = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{match[0]}'?)" if match else ""
             raise ConfigError(f"unknown config key 'model.config_overrides.{key}' for {config.model_type}{hint}")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)  # strict (dataclass) configs check types on assignment
+        except Exception as err:
+            raise ConfigError(f"model.config_overrides.{key}: {str(err).strip().splitlines()[-1].strip()}") from None
+    if hasattr(config, "validate_architecture"):
+        try:
+            config.validate_architecture()
+        except Exception as err:
+            raise ConfigError(f"model.config_overrides: {str(err).strip().splitlines()[-1].strip()}") from None
 
 
 def _set_labels(config, label_names: list[str] | None) -> None:
@@ -202,7 +226,7 @@ def check_vocab(model, tokenizer) -> None:
 
 def check_block_size(model_config, block_size: int) -> None:
     limit = context_length(model_config)
-    if limit is not None and block_size > limit:
+    if limit is not None and block_size > limit and context_is_a_limit(model_config):
         raise ConfigError(f"data.block_size={block_size} is larger than the model's context ({limit} positions)")
 
 

@@ -25,6 +25,8 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     model_path = modeling.resolve_model_path(cfg.model.model_name_or_path) if cfg.model.model_name_or_path else None
     model_type = modeling.load_pretrained_config(model_path, cfg.model).model_type if model_path else cfg.model.model_type
     task, fmt = tasks.resolve_task(cfg.task, "pretrain", model_type)
+    if model_path is None:
+        modeling.scratch_config(cfg.model)  # a bad architecture override fails before anything is written
     source_fingerprint(cfg.data)  # resolves data files now, so a missing one fails before anything else
     if cfg.data.streaming and not (cfg.model.tokenizer_name or model_path):
         raise ConfigError("data.streaming=true needs model.tokenizer_name (a tokenizer is not trained on a stream)")
