@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmcli.errors import ConfigError
 from llmcli.tasks import Task
@@ -62,6 +62,14 @@ class DataSection(_Section):
     max_eval_samples: int | None = Field(None, gt=0, description="Truncate the evaluation set for quick runs.")
     streaming: bool = Field(False, description="Stream the training data instead of tokenizing it all up front (needs max_steps).")
     cache_dir: str | None = Field(None, description="Tokenized-data cache (default: $LLMCLI_CACHE or ~/.cache/llmcli).")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        """Data comes from the hub or from files, never both (a file silently winning over a hub id hides a mistake)."""
+        if self.dataset_name and (self.train_file or self.validation_file):
+            raise ValueError("data.dataset_name and data.train_file/validation_file are both set; keep one source "
+                             "(--set data.dataset_name=null to use the files)")
+        return self
 
 
 class TrainingSection(BaseModel):
@@ -284,6 +292,8 @@ def _format_validation_error(err: ValidationError) -> str:
         return f"unknown config key '{key}' {where}{hint}{more}"
     if first["type"] == "missing":
         return f"config key '{key}' is required{more}"
+    if first["type"] == "value_error":  # a section's own rule: its message names the keys
+        return first["msg"].removeprefix("Value error, ") + more
     return f"config key '{key}': {first['msg']}, got {first.get('input')!r}{more}"
 
 

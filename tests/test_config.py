@@ -65,6 +65,7 @@ def test_override_wins_over_file(tmp_path):
         (["data.block_size=-1"], "config key 'data.block_size': Input should be greater than 0"),
         (["task=xx"], "config key 'task'"),
         (["nodots"], "expected dotted.key=value"),
+        (["data.dataset_name=wikitext", "data.train_file=x.txt"], "data.dataset_name and data.train_file/validation_file are both set"),
         (["data.block_size=3", "data.block_size.x=1"], "'data.block_size' is a value, not a section"),
     ],
 )
