@@ -324,6 +324,7 @@ class SweepConfig(_Section):
     command: Literal["finetune", "pretrain"] = Field(description="The command every trial runs.")
     metric: str = Field("eval_loss", description="The summary/evaluation metric to optimise (eval_accuracy, eval_loss, ...).")
     direction: Literal["maximize", "minimize"] = Field("minimize", description="maximize or minimize the metric.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value: changes to the base config of every trial (before --set).")
     search: dict[str, SearchParam] = Field(description="Dotted config key -> its search space.")
     n_trials: int | None = Field(None, ge=1, description="Trials in the whole study, all workers together (grid: default the grid's size).")
     timeout: float | None = Field(None, gt=0, description="Seconds after which this worker starts no new trial (a running one finishes).")
@@ -336,12 +337,16 @@ class SweepConfig(_Section):
     storage: str | None = Field(None, description="Optuna RDB URL (default sqlite:///<output_dir>/study.db); share it to run several workers.")
     study_name: str | None = Field(None, description="Study name in the storage (default: the sweep dir's name).")
 
+    def base_overrides(self, sets: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """The overrides of every trial's base config: the file's `overrides:`, then `--set`."""
+        return [param_override(k, v) for k, v in self.overrides.items()] + list(sets)
+
 
 def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """Read and validate a sweep file. `overrides` are the `--set` overrides of every trial's base
-    config: the base config is loaded with them, and with each search key set to each end point
-    or choice, so an unknown key or a value of the wrong type fails here, before any trial runs.
-    Raises ConfigError (exit 2)."""
+    config (applied after the file's own `overrides:`). The base config is
+    loaded with them, and with each search key set to each end point or choice, so an unknown key or
+    a value of the wrong type fails here, before any trial runs. Raises ConfigError (exit 2)."""
     if path is None:
         raise ConfigError("llmcli sweep needs --config SWEEP.yaml")
     raw = _read_yaml(Path(path))
@@ -357,6 +362,7 @@ def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tup
             raise ConfigError(f"{path}: search '{key}': {problem}")
     if sweep.n_trials is None and sweep.timeout is None and sweep.sampler != "grid":
         raise ConfigError(f"{path}: set n_trials (or timeout) for the {sweep.sampler} sampler")
+    overrides = sweep.base_overrides(overrides)
     try:
         load_config(sweep.base, overrides)
     except ConfigError as err:

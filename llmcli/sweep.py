@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 
 from llmcli import console, runs
 from llmcli.config import SweepConfig, load_config, param_override
+from llmcli.config import _suggest as _did_you_mean
 from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
 
 HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
@@ -57,6 +58,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     sweep_dir = Path(output_dir or sweep.output_dir or "")
     if not (output_dir or sweep.output_dir):
         raise ConfigError("the sweep needs an output dir: set output_dir in the sweep file or pass --output-dir")
+    overrides = sweep.base_overrides(overrides)
     base = load_config(sweep.base, overrides)
     if base.launch.num_processes > 1 or base.launch.config_file or runs.is_distributed():
         raise ConfigError("a sweep runs each trial in its own process: leave launch.num_processes at 1 and start one `llmcli sweep` per GPU instead")
@@ -117,7 +119,7 @@ def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overri
                 raise ConfigError(f"study '{name}' in {url} was made by a different sweep ('{key}' differs: "
                                   f"{stored.get(key)!r} -> {identity[key]!r}); use another --output-dir or study_name")
         if stored.get("overrides") != overrides:
-            console.warn(f"--set overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
+            console.warn(f"the base-config overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
     done = sum(map(_counted, study.get_trials(deepcopy=False)))
     console.info(f"study '{name}' in {url}: {done} trial(s) so far")
     return study
@@ -194,7 +196,7 @@ def _boot_id() -> str:
 
 def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir: Path, command, budget: int | None) -> None:
     previous = dict(trial.user_attrs)
-    params = {key: _suggest(trial, key, space) for key, space in sweep.search.items()}
+    params = {key: _suggest_param(trial, key, space) for key, space in sweep.search.items()}
     trial_dir = sweep_dir / f"trial-{trial.number:04d}"
     _claim(trial, trial_dir)
     cfg = load_config(sweep.base, [*overrides, *(param_override(k, v) for k, v in params.items()),
@@ -249,7 +251,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
     _write_tables(study, sweep, sweep_dir)
 
 
-def _suggest(trial, key: str, s):
+def _suggest_param(trial, key: str, s):
     if s.type == "categorical":
         return trial.suggest_categorical(key, s.choices)
     if s.type == "int":
@@ -319,7 +321,8 @@ class _PruningCallback(TrainerCallback):
         value = self.value_from(metrics or {})
         if value is None:
             if self.metric.startswith("eval_"):
-                raise ConfigError(f"metric '{self.metric}' is not among the evaluation results: {', '.join(sorted(metrics or {}))}")
+                have = sorted(k for k in metrics or {} if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")))
+                raise ConfigError(f"metric '{self.metric}' is not among the evaluation results ({', '.join(have)}){_did_you_mean(self.metric, have)}")
             return
         key = self.metric if self.metric in (metrics or {}) else "eval_loss"
         step = sum(1 for entry in state.log_history if key in entry)  # this evaluation is logged already

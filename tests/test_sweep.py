@@ -1,0 +1,181 @@
+"""`llmcli sweep` end to end on a tiny GPT-2: trials are run dirs, kill -9 / SIGTERM resume, two workers, bad spaces.
+
+Workers run as subprocesses; the LLMCLI_TEST_PAUSE_AT_STEP hook pauses a worker's trial after a known
+step (checkpoints every 2 steps), so kills and signals land at a known point.
+"""
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import FIXTURES, TINY_GPT2, read_jsonl
+from llmcli.config import _set_dotted, parse_override
+
+MAX_STEPS = 6
+
+
+def write_sweep(tmp_path, **changes):
+    """A base config (tiny GPT-2, 6 steps, evaluation and checkpoint every 2) and a 3-trial sweep over it."""
+    raw = {}
+    for item in [*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", f"training.max_steps={MAX_STEPS}",
+                 "training.eval_strategy=steps", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=2",
+                 "training.output_dir=unused"]:
+        _set_dotted(raw, *parse_override(item))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
+    sweep = {
+        "base": str(tmp_path / "base.yaml"), "command": "pretrain", "metric": "eval_loss", "direction": "minimize",
+        "search": {"training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                   "training.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}},
+        "n_trials": 3, "seed": 0, "pruner_startup_trials": 1, "output_dir": str(tmp_path / "sweep"),
+    }
+    sweep.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def start_worker(sweep, marker=None, **hooks):
+    env = {**os.environ, **{f"LLMCLI_TEST_{k}": str(v) for k, v in hooks.items()}}
+    if marker:
+        env["LLMCLI_TEST_MARKER"] = str(marker)
+    return subprocess.Popen([sys.executable, "-m", "llmcli", "sweep", "--config", str(sweep)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_paused(proc, marker):
+    deadline = time.time() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"worker ended before pausing (exit {proc.returncode}): {proc.communicate()[1].decode()}")
+        time.sleep(0.05)
+
+
+def trials(out):
+    import optuna
+
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
+    return {t.number: t for t in study.get_trials()}
+
+
+def test_kill9_mid_trial_resumes_it_while_a_second_worker_shares_the_study(cli, tmp_path):
+    sweep, out = write_sweep(tmp_path), tmp_path / "sweep"
+    marker = tmp_path / "paused"
+    a = start_worker(sweep, marker, PAUSE_AT_STEP=3)  # trial 0 pauses after step 3 (checkpoint-2 on disk)
+    wait_paused(a, marker)
+    b = cli("sweep", "--config", sweep)  # a second worker (this process) on the same study
+    # it saw trial 0 running in a live worker and ran the other two; trial 0 still counts towards n_trials
+    assert "trial 1/3" in b.stderr and "trial 2/3" in b.stderr and "trial 0/3" not in b.stderr
+    assert [r["state"] for r in read_jsonl(out / "leaderboard.jsonl")][-1] == "RUNNING"
+    params0 = trials(out)[0].params
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    t0 = out / "trial-0000"
+    assert (t0 / "checkpoint-2" / "trainer_state.json").exists() and not (t0 / "summary.json").exists()
+    assert trials(out)[0].state.name == "RUNNING"
+
+    result = cli("sweep", "--config", sweep)  # the same command again
+    assert f"trial 0 was interrupted (worker pid {a.pid}" in result.stderr and "resuming from" in result.stderr
+    found = trials(out)
+    assert sorted(found) == [0, 1, 2] and {t.state.name for t in found.values()} <= {"COMPLETE", "PRUNED"}
+    assert found[0].params == params0  # the same trial with the same parameters, not a new one
+    summary = json.loads((t0 / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["global_step"] == MAX_STEPS and summary["trial"] == 0
+    assert found[0].user_attrs["worker_pid"] == os.getpid()
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0000", "trial-0001", "trial-0002"]
+
+    # every trial dir is an ordinary run; its config holds the trial's parameters
+    for n, t in found.items():
+        run = out / f"trial-{n:04d}"
+        s = json.loads((run / "summary.json").read_text())
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["training"]["learning_rate"] == t.params["training.learning_rate"]
+        assert cfg["training"]["weight_decay"] == t.params["training.weight_decay"]
+        assert s["pruned"] is (t.state.name == "PRUNED") and s["trial"] == n
+        assert t.value == pytest.approx(s["eval_loss"], rel=1e-6)
+        evals = [e["eval_loss"] for e in read_jsonl(run / "metrics.jsonl") if "eval_loss" in e]
+        assert [t.intermediate_values[i + 1] for i in range(len(evals))] == pytest.approx(evals, rel=1e-6)
+        if t.state.name == "PRUNED":  # the median rule, checked independently of Optuna
+            k = t.user_attrs["pruned_at_eval"]
+            assert s["global_step"] == 2 * k < MAX_STEPS
+            earlier = [u.intermediate_values[k] for u in found.values()
+                       if u.state.name == "COMPLETE" and u.datetime_complete < t.datetime_complete]
+            assert t.intermediate_values[k] > statistics.median(earlier)
+
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    records = read_jsonl(out / "leaderboard.jsonl")
+    complete = sorted((t.value, n) for n, t in found.items() if t.state.name == "COMPLETE")
+    assert [int(r["trial"]) for r in rows] == [r["trial"] for r in records]
+    assert [int(r["trial"]) for r in rows][: len(complete)] == [n for _, n in complete] and len(rows) == 3
+    assert float(rows[0]["eval_loss"]) == pytest.approx(complete[0][0], rel=1e-9)
+    assert "trial" in result.stdout and "eval_loss" in result.stdout.splitlines()[1]
+
+    best = out / "best.yaml"
+    best_cfg = yaml.safe_load(best.read_text())
+    winner = found[complete[0][1]]
+    assert best_cfg["training"]["learning_rate"] == winner.params["training.learning_rate"]
+    assert best_cfg["training"]["output_dir"] == str(out / "best")
+    dry = cli("pretrain", "--config", best, "--dry-run")
+    assert yaml.safe_load(dry.stdout)["training"]["weight_decay"] == winner.params["training.weight_decay"]
+    for name in ("optimization_history.png", "contour.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    again = cli("sweep", "--config", sweep, "--json")  # at n_trials: no new trial, only the reports
+    best_json = json.loads(again.stdout)
+    assert (best_json["trial"], best_json["value"], best_json["params"]) == (winner.number, winner.value, winner.params)
+    assert sorted(trials(out)) == [0, 1, 2]
+
+
+def test_sigterm_checkpoints_exits_143_and_the_rerun_resumes_the_trial(cli, tmp_path):
+    sweep, out = write_sweep(tmp_path, n_trials=1), tmp_path / "sweep"
+    marker = tmp_path / "paused"
+    worker = start_worker(sweep, marker, PAUSE_AT_STEP=3)
+    wait_paused(worker, marker)
+    params = trials(out)[0].params
+    worker.send_signal(signal.SIGTERM)
+    err = worker.communicate(timeout=120)[1].decode()
+    assert worker.returncode == 143 and "stopped by SIGTERM at step 3" in err and "Traceback" not in err, err
+    assert trials(out)[0].state.name == "RUNNING" and (out / "trial-0000" / "checkpoint-3").is_dir()
+
+    result = cli("sweep", "--config", sweep)
+    found = trials(out)
+    assert sorted(found) == [0] and found[0].state.name == "COMPLETE" and found[0].params == params
+    assert json.loads((out / "trial-0000" / "summary.json").read_text())["resumed_from"] == 3
+    assert "trial 0 was interrupted" in result.stderr
+
+
+def _bad_sweeps(tmp_path):
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2}
+    return [
+        ({"search": {"training.learning_rate": {**lr, "low": 1e-1}}}, "search 'training.learning_rate': low 0.1 > high 0.01"),
+        ({"search": {"training.learning_rat": lr}}, "search 'training.learning_rat' = 0.0001: unknown config key 'training.learning_rat'"),
+        ({"search": {"modle.n_layer": {"type": "int", "low": 1, "high": 2}}}, "unknown config key 'modle' at the top level (did you mean 'model'?)"),
+        ({"search": {"training.per_device_train_batch_size": lr}},
+         "search 'training.per_device_train_batch_size' = 0.0001: config key 'training.per_device_train_batch_size': expected int"),
+        ({"search": {"training.seed": {"type": "int", "low": 0.5, "high": 3}}}, "type int needs an integer 'low', got 0.5"),
+        ({"search": {"training.seed": {"type": "categorical"}}}, "type categorical needs a non-empty 'choices' list"),
+        ({"search": {"training.learning_rate": {**lr, "log": True, "low": 0}}}, "log: true needs low > 0"),
+        ({"sampler": "grid"}, "the grid sampler needs a 'step' for a float range"),
+        ({"search": {"training.learning_rate": {**lr, "lo": 1}}}, "unknown key 'lo' in search 'training.learning_rate' (did you mean 'low'?)"),
+        ({"n_trial": 3}, "unknown sweep key 'n_trial' (did you mean 'n_trials'?)"),
+        ({"direction": "up"}, "sweep key 'direction': Input should be 'maximize' or 'minimize'"),
+        ({"base": str(tmp_path / "nope.yaml")}, "base config: config file not found"),
+        ({"metric": "eval_acc"}, "metric 'eval_acc' is not among the evaluation results (eval_loss)"),
+    ]
+
+
+def test_bad_sweep_files_give_one_line_and_exit_2(cli, tmp_path):
+    for changes, message in _bad_sweeps(tmp_path):
+        sweep = write_sweep(tmp_path, **changes)
+        result = cli("sweep", "--config", sweep, "--set", "training.max_steps=2", expect=None)
+        assert result.exit_code == 2, (changes, result.exit_code, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
+        assert message in errors[0], (changes, errors[0])
