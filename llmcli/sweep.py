@@ -382,20 +382,19 @@ def _report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[s
     return best or {}
 
 
-def _leaderboard(study, sweep: SweepConfig) -> list[dict[str, Any]]:
+def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 2, TrialState.FAIL: 3}
     sign = -1 if sweep.direction == "maximize" else 1
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     trials.sort(key=lambda t: (order.get(t.state, 4), sign * t.value if t.value is not None else math.inf, t.number))
     rows = []
     for rank, t in enumerate(trials, 1):
-        run_dir = t.user_attrs.get("run_dir", "")
+        run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
         summary = {}
-        if run_dir and (Path(run_dir) / "summary.json").exists():
-            try:
-                summary = json.loads((Path(run_dir) / "summary.json").read_text())
-            except ValueError:
-                pass
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            pass
         note = t.user_attrs.get("error", "")
         if t.state == TrialState.PRUNED:
             note = f"pruned at evaluation {t.user_attrs.get('pruned_at_eval', '?')}"
@@ -403,12 +402,12 @@ def _leaderboard(study, sweep: SweepConfig) -> list[dict[str, Any]]:
             note = f"resumed from step {summary['resumed_from']}"
         rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
                      "global_step": summary.get("global_step"), "train_runtime_s": summary.get("train_runtime_s"),
-                     "run_dir": run_dir, "note": note})
+                     "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note})
     return rows
 
 
 def _write_tables(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = _leaderboard(study, sweep)
+    rows = _leaderboard(study, sweep, sweep_dir)
     runs.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=runs._json_default) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -430,11 +429,15 @@ def _write_best(study, sweep: SweepConfig, sweep_dir: Path) -> dict[str, Any] | 
     except ValueError:  # no COMPLETE trial yet
         console.warn("no trial has completed: no best.yaml")
         return None
-    run_dir = Path(best.user_attrs["run_dir"])
-    cfg = load_config(run_dir / "config.yaml", [param_override("training.output_dir", str(sweep_dir / "best"))])
+    run_dir = sweep_dir / f"trial-{best.number:04d}"
     path = sweep_dir / "best.yaml"
-    dump_resolved(cfg, path, {"best trial": f"{best.number} of {sweep_dir} ({sweep.metric} {best.value})",
-                              "trial run dir": str(run_dir), "run": f"llmcli {sweep.command} --config {path}"})
+    try:
+        cfg = load_config(run_dir / "config.yaml", [param_override("training.output_dir", str(sweep_dir / "best"))])
+    except ConfigError as err:  # e.g. the trial ran on another machine whose sweep dir is not shared
+        console.warn(f"best.yaml not written: {err}")
+    else:
+        dump_resolved(cfg, path, {"best trial": f"{best.number} of {sweep_dir} ({sweep.metric} {best.value})",
+                                  "trial run dir": str(run_dir), "run": f"llmcli {sweep.command} --config {path}"})
     return {"trial": best.number, "metric": sweep.metric, "value": best.value, "direction": sweep.direction,
             "params": dict(best.params), "run_dir": str(run_dir), "config": str(path), "study": study.study_name}
 
@@ -443,11 +446,15 @@ def _plots(study, sweep: SweepConfig, sweep_dir: Path) -> None:
     """PNG plots with optuna.visualization.matplotlib; a plot Optuna cannot draw is skipped with a warning."""
     import warnings
 
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as vis
+    except ImportError:
+        console.warn("plots skipped: they need matplotlib (pip install 'llmcli[plot]')")
+        return
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:

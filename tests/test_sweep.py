@@ -16,8 +16,8 @@ import time
 import pytest
 import yaml
 
-from conftest import FIXTURES, TINY_GPT2, read_jsonl
-from llmcli.config import _set_dotted, parse_override
+from conftest import FIXTURES, ROOT, TINY_GPT2, read_jsonl
+from llmcli.config import _set_dotted, load_sweep_config, parse_override
 
 MAX_STEPS = 6
 
@@ -179,3 +179,11 @@ def test_bad_sweep_files_give_one_line_and_exit_2(cli, tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
         assert message in errors[0], (changes, errors[0])
+
+
+def test_shipped_sweep_config_validates(monkeypatch):
+    monkeypatch.chdir(ROOT)  # its base path is relative to the current directory, like every llmcli path
+    sweep = load_sweep_config("configs/sweep-sst2-minilm.yaml")
+    assert (sweep.command, sweep.metric, sweep.direction, sweep.sampler) == ("finetune", "eval_accuracy", "maximize", "grid")
+    assert sweep.base_overrides(["training.seed=1"]) == [
+        "data.max_train_samples=2000", "training.eval_strategy=steps", "training.eval_steps=0.25", "training.seed=1"]
