@@ -209,7 +209,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         if "worker_host" in previous and (trial_dir / "summary.json").exists():
             summary = json.loads((trial_dir / "summary.json").read_text())  # finished; only the result was not recorded
         else:
-            _drop_foreign_lock(trial_dir, previous)
+            _drop_stale_lock(trial_dir, previous)
             with _Heartbeat(study, trial._trial_id):
                 summary = command.run(cfg, resume=True, overwrite=False, callbacks=(pruning,))
     except (Interrupted, KeyboardInterrupt):
@@ -265,13 +265,19 @@ def _claim(trial, trial_dir: Path) -> None:
         trial.set_user_attr(key, value)
 
 
-def _drop_foreign_lock(trial_dir: Path, previous: dict) -> None:
-    """A dead worker of another host left its lock: RunLock only takes over same-host locks."""
+def _drop_stale_lock(trial_dir: Path, previous: dict) -> None:
+    """The lock left by the dead worker of a re-attached trial. RunLock takes over a lock of a dead pid
+    on its own host, but not one from another host, nor one whose pid a reboot has given to another process."""
     lock = runs.RunLock(trial_dir)
     holder = lock._read_holder() if lock.path.exists() else None
-    if holder and holder.get("host") == previous.get("worker_host") != socket.gethostname() and holder.get("pid") == previous.get("worker_pid"):
-        console.warn(f"removing {lock.path} of trial worker pid {holder.get('pid')} on {holder.get('host')} (no heartbeat for {STALE_AFTER_S} s)")
-        lock.path.unlink(missing_ok=True)
+    if not holder or (holder.get("host"), holder.get("pid")) != (previous.get("worker_host"), previous.get("worker_pid")):
+        return
+    here = holder.get("host") == socket.gethostname()
+    if here and previous.get("worker_boot") == _boot_id() and runs._pid_alive(int(holder["pid"])):
+        return
+    why = "before a reboot" if here else f"no heartbeat for {STALE_AFTER_S} s"
+    console.warn(f"removing {lock.path} of trial worker pid {holder.get('pid')} on {holder.get('host')} ({why})")
+    lock.path.unlink(missing_ok=True)
 
 
 class _Heartbeat:

@@ -187,3 +187,33 @@ def test_shipped_sweep_config_validates(monkeypatch):
     assert (sweep.command, sweep.metric, sweep.direction, sweep.sampler) == ("finetune", "eval_accuracy", "maximize", "grid")
     assert sweep.base_overrides(["training.seed=1"]) == [
         "data.max_train_samples=2000", "training.eval_strategy=steps", "training.eval_steps=0.25", "training.seed=1"]
+
+
+def test_worker_liveness_rules():
+    """Which RUNNING trials a rerun takes over: dead pid or another boot here; no heartbeat elsewhere."""
+    import datetime
+    import socket
+
+    import optuna
+
+    from llmcli.sweep import STALE_AFTER_S, _boot_id, _worker_alive
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = time.time()
+    here = {"worker_host": socket.gethostname(), "worker_boot": _boot_id()}
+    cases = [
+        ({**here, "worker_pid": os.getpid()}, 0, True),
+        ({**here, "worker_pid": dead.pid}, 0, False),
+        ({**here, "worker_boot": "another-boot", "worker_pid": os.getpid()}, 0, False),  # a reboot reused the pid
+        ({"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - 10}, 0, True),
+        ({"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, 0, False),
+        ({}, 10, True),  # killed between ask() and recording its worker: waits for the stale period
+        ({}, STALE_AFTER_S + 1, False),
+    ]
+    for attrs, age, alive in cases:
+        trial = optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+            datetime_start=datetime.datetime.fromtimestamp(now - age), datetime_complete=None, params={},
+            distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=0)
+        assert _worker_alive(trial, now) is alive, attrs
