@@ -199,14 +199,18 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
     params = {key: _suggest_param(trial, key, space) for key, space in sweep.search.items()}
     trial_dir = sweep_dir / f"trial-{trial.number:04d}"
     _claim(trial, trial_dir)
-    cfg = load_config(sweep.base, [*overrides, *(param_override(k, v) for k, v in params.items()),
-                                   param_override("training.output_dir", str(trial_dir))])
+    adopted = "worker_host" in previous
     of = f"/{budget}" if budget else ""
     shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in params.items())
-    console.info(f"trial {trial.number}{of}: {shown} -> {trial_dir}" + (" (resuming)" if "worker_host" in previous else ""))
+    console.info(f"trial {trial.number}{of}: {shown} -> {trial_dir}" + (" (resuming)" if adopted else ""))
     pruning = _PruningCallback(trial, sweep.metric)
     try:
-        if "worker_host" in previous and (trial_dir / "summary.json").exists():
+        if not adopted and (runs.holds_finished_run(trial_dir) or runs.list_checkpoints(trial_dir)):
+            raise ConfigError(f"{trial_dir} holds a run that study '{study.study_name}' does not know: "
+                              "the sweep dir belongs to another study; use another --output-dir")
+        cfg = load_config(sweep.base, [*overrides, *(param_override(k, v) for k, v in params.items()),
+                                       param_override("training.output_dir", str(trial_dir))])
+        if adopted and (trial_dir / "summary.json").exists():
             summary = json.loads((trial_dir / "summary.json").read_text())  # finished; only the result was not recorded
         else:
             _drop_stale_lock(trial_dir, previous)
