@@ -408,6 +408,8 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
         note = t.user_attrs.get("error", "")
         if t.state == TrialState.PRUNED:
             note = f"pruned at evaluation {t.user_attrs.get('pruned_at_eval', '?')}"
+        elif t.state == TrialState.RUNNING:
+            note = f"running in pid {t.user_attrs.get('worker_pid', '?')} on {t.user_attrs.get('worker_host', '?')}"
         elif summary.get("resumed_from") is not None:
             note = f"resumed from step {summary['resumed_from']}"
         rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
