@@ -63,6 +63,7 @@ def run_sweep(path: Path, sets: list[str]) -> dict:
     rows = trials_of(Path(spec["output_dir"]))
     best = json.loads(proc.stdout)
     return {"wall_s": wall, "best": best, "best_dev_accuracy": best["value"],
+            "train_steps": sum(r["global_step"] or 0 for r in rows), "train_runtime_s": sum(r["train_runtime_s"] or 0 for r in rows),
             "states": {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")},
             "trials": [{k: r[k] for k in ("trial", "state", "eval_accuracy", "params", "global_step", "train_runtime_s", "note")} for r in rows]}
 
@@ -129,11 +130,12 @@ def main() -> None:
     ratio = results["median_pruning"]["wall_s"] / results["no_pruning"]["wall_s"]
     report = {"benchmark": f"llmcli sweep: MiniLM on {n_train} SST-2 sentences, 8-trial lr x batch grid, dev {n_dev or 'all 872'}",
               "machine": f"{os.cpu_count()} CPU cores", "results": results, "time_ratio_pruning_over_none": ratio}
-    print(f"{'':16} {'wall s':>8} {'complete':>9} {'pruned':>7} {'best dev acc':>13}  best trial")
+    print(f"{'':16} {'wall s':>8} {'train s':>8} {'steps':>6} {'complete':>9} {'pruned':>7} {'best dev acc':>13}  best trial")
     for name in ("no_pruning", "median_pruning"):
         r = results[name]
-        print(f"{name:16} {r['wall_s']:8.1f} {r['states']['COMPLETE']:9d} {r['states']['PRUNED']:7d} {r['best_dev_accuracy']:13.4f}  {r['best']['params']}")
-    print(f"{'shipped config':16} {shipped['wall_s']:8.1f} {'':9} {'':7} {shipped['dev_accuracy']:13.4f}  lr 1e-4, batch 32")
+        print(f"{name:16} {r['wall_s']:8.1f} {r['train_runtime_s']:8.1f} {r['train_steps']:6d} {r['states']['COMPLETE']:9d} "
+              f"{r['states']['PRUNED']:7d} {r['best_dev_accuracy']:13.4f}  {r['best']['params']}")
+    print(f"{'shipped config':16} {shipped['wall_s']:8.1f} {'':8} {'':6} {'':9} {'':7} {shipped['dev_accuracy']:13.4f}  lr 1e-4, batch 32")
     print(f"time with pruning / without: {ratio:.3f}")
     if "two_workers" in results:
         w = results["two_workers"]
