@@ -93,12 +93,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
 
 def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrides: list[str]):
     url = storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for SQLite's write lock
-    try:
-        rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as err:  # a bad URL, a missing driver, an unreachable server
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(f"--storage {url}: {type(err).__name__}: {first}") from None
+    rdb = _rdb_storage(url)
     name = sweep.study_name or sweep_dir.resolve().name
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=sweep.pruner_warmup_evals)
               if sweep.pruner == "median" else optuna.pruners.NopPruner())
@@ -123,6 +118,29 @@ def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overri
     done = sum(map(_counted, study.get_trials(deepcopy=False)))
     console.info(f"study '{name}' in {url}: {done} trial(s) so far")
     return study
+
+
+def _rdb_storage(url: str):
+    """Optuna's RDBStorage; workers starting together on a new database race to create its tables
+    (one gets an IntegrityError on alembic_version), so a failed first connection is retried."""
+    import random
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for SQLite's write lock
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except (IntegrityError, OperationalError) as err:
+            if attempt == 5 or (isinstance(err, OperationalError) and "locked" not in str(err) and "exists" not in str(err)):
+                failure = err
+                break
+            time.sleep(0.2 + random.random() * (attempt + 1))
+        except Exception as err:  # a bad URL, a missing driver, an unreachable server
+            failure = err
+            break
+    first = (str(failure).strip().splitlines() or [""])[0]
+    raise ConfigError(f"--storage {url}: {type(failure).__name__}: {first}")
 
 
 def _budget(sweep: SweepConfig) -> int | None:
