@@ -60,7 +60,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
         raise ConfigError("the sweep needs an output dir: set output_dir in the sweep file or pass --output-dir")
     overrides = sweep.base_overrides(overrides)
     base = load_config(sweep.base, overrides)
-    if base.launch.num_processes > 1 or base.launch.config_file or runs.is_distributed():
+    if base.launch.num_processes > 1 or base.launch.config_file or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("a sweep runs each trial in its own process: leave launch.num_processes at 1 and start one `llmcli sweep` per GPU instead")
     if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
         console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
@@ -197,8 +197,38 @@ def _worker_alive(trial, now: float) -> bool:
     if "worker_host" not in a:  # killed between ask() and recording its worker
         return now - trial.datetime_start.timestamp() < STALE_AFTER_S
     if a["worker_host"] == socket.gethostname():
-        return a.get("worker_boot") == _boot_id() and runs._pid_alive(int(a["worker_pid"]))
+        return a.get("worker_boot") == _boot_id() and _pid_alive(int(a["worker_pid"]))
     return now - float(a.get("heartbeat", 0)) < STALE_AFTER_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_holder(run_dir: Path) -> dict | None:
+    """pid/host/started from a run dir's lock file (RunLock writes them there), if any."""
+    try:
+        return json.loads((run_dir / runs.LOCK_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finished_summary(run_dir: Path) -> dict | None:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if summary.get("status") == "failed" else summary
+
+
+def _json_default(obj):
+    return obj.item() if hasattr(obj, "item") else str(obj)
 
 
 def _boot_id() -> str:
@@ -228,9 +258,8 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
                               "the sweep dir belongs to another study; use another --output-dir")
         cfg = load_config(sweep.base, [*overrides, *(param_override(k, v) for k, v in params.items()),
                                        param_override("training.output_dir", str(trial_dir))])
-        if adopted and (trial_dir / "summary.json").exists():
-            summary = json.loads((trial_dir / "summary.json").read_text())  # finished; only the result was not recorded
-        else:
+        summary = _finished_summary(trial_dir) if adopted else None  # finished; only its result was not recorded
+        if summary is None:
             _drop_stale_lock(trial_dir, previous)
             with _Heartbeat(study, trial._trial_id):
                 summary = command.run(cfg, resume=True, overwrite=False, callbacks=(pruning,))
@@ -238,7 +267,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         raise  # checkpoint saved (or not yet started): the trial stays RUNNING and the next run resumes it
     except LockedError as err:
         # another live worker re-attached this trial at the same moment and holds its dir: leave it to that worker
-        holder = runs.RunLock(trial_dir)._read_holder() or {}
+        holder = _lock_holder(trial_dir) or {}
         trial.set_user_attr("worker_host", holder.get("host", previous.get("worker_host")))
         trial.set_user_attr("worker_pid", holder.get("pid", previous.get("worker_pid")))
         trial.set_user_attr("worker_boot", previous.get("worker_boot") if holder.get("host") != socket.gethostname() else _boot_id())
@@ -263,7 +292,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
                           f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
     pruned = pruning.pruned or "pruned_at_eval" in trial.user_attrs
     summary.update(trial=trial.number, pruned=pruned)
-    runs.write_json_atomic(trial_dir / "summary.json", summary)
+    runs.atomic_write_text(trial_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
     if pruned:
         study.tell(trial, state=TrialState.PRUNED)
         console.info(f"trial {trial.number} pruned at evaluation {trial.user_attrs['pruned_at_eval']} ({sweep.metric} {_fmt(value)})")
@@ -290,16 +319,16 @@ def _claim(trial, trial_dir: Path) -> None:
 def _drop_stale_lock(trial_dir: Path, previous: dict) -> None:
     """The lock left by the dead worker of a re-attached trial. RunLock takes over a lock of a dead pid
     on its own host, but not one from another host, nor one whose pid a reboot has given to another process."""
-    lock = runs.RunLock(trial_dir)
-    holder = lock._read_holder() if lock.path.exists() else None
+    lock = trial_dir / runs.LOCK_NAME
+    holder = _lock_holder(trial_dir)
     if not holder or (holder.get("host"), holder.get("pid")) != (previous.get("worker_host"), previous.get("worker_pid")):
         return
     here = holder.get("host") == socket.gethostname()
-    if here and previous.get("worker_boot") == _boot_id() and runs._pid_alive(int(holder["pid"])):
+    if here and previous.get("worker_boot") == _boot_id() and _pid_alive(int(holder["pid"])):
         return
     why = "before a reboot" if here else f"no heartbeat for {STALE_AFTER_S} s"
-    console.warn(f"removing {lock.path} of trial worker pid {holder.get('pid')} on {holder.get('host')} ({why})")
-    lock.path.unlink(missing_ok=True)
+    console.warn(f"removing {lock} of trial worker pid {holder.get('pid')} on {holder.get('host')} ({why})")
+    lock.unlink(missing_ok=True)
 
 
 class _Heartbeat:
@@ -402,7 +431,7 @@ def _report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[s
     best = _write_best(study, sweep, sweep_dir)
     _plots(study, sweep, sweep_dir)
     if as_json:
-        print(json.dumps(best or {}, default=runs._json_default))
+        print(json.dumps(best or {}, default=_json_default))
     else:
         _print_leaderboard(rows, sweep)
         if best:
@@ -438,7 +467,7 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
 
 def _write_tables(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
     rows = _leaderboard(study, sweep, sweep_dir)
-    runs.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=runs._json_default) + "\n" for r in rows))
+    runs.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["rank", "trial", "state", sweep.metric, *sweep.search, "global_step", "train_runtime_s", "run_dir", "note"])

@@ -67,6 +67,10 @@ def trials(out):
 
 def test_two_workers_then_kill9_and_sigterm_mid_trial_and_the_rerun_resumes_both(cli, tmp_path):
     sweep, out = write_sweep(tmp_path), tmp_path / "sweep"
+    # Warm the tokenizer/tokenized-data cache first: two processes that miss the same entry at once
+    # can break the slower one (publish_dir replaces the entry the other one has open; an engine issue).
+    cli("pretrain", "--config", tmp_path / "base.yaml", "--set", "training.max_steps=1", "--set", "training.eval_strategy=no",
+        "-o", tmp_path / "warm")
     markers = [tmp_path / "a", tmp_path / "b"]
     a, b = workers = [start_worker(sweep, m, PAUSE_AT_STEP=3) for m in markers]  # both open the new study.db at once
     for w, m in zip(workers, markers):
