@@ -110,9 +110,13 @@ def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overri
         study.set_user_attr("sweep", identity)
     else:
         for key in ("command", "metric", "direction", "search", "base"):
-            if stored.get(key) != identity[key]:
-                raise ConfigError(f"study '{name}' in {url} was made by a different sweep ('{key}' differs: "
-                                  f"{stored.get(key)!r} -> {identity[key]!r}); use another --output-dir or study_name")
+            before, now = stored.get(key), identity[key]
+            if before != now:
+                if key == "search":  # name the first search key that differs
+                    key = next(f"search.{k}" for k in {**before, **now} if before.get(k) != now.get(k))
+                    before, now = before.get(key[7:]), now.get(key[7:])
+                raise ConfigError(f"study '{name}' in {url} was made by a different sweep ('{key}' was {before!r}, now {now!r}); "
+                                  "use another --output-dir or study_name")
         if stored.get("overrides") != overrides:
             console.warn(f"the base-config overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
     done = sum(map(_counted, study.get_trials(deepcopy=False)))

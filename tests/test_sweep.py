@@ -165,6 +165,7 @@ def _bad_sweeps(tmp_path):
         ({"direction": "up"}, "sweep key 'direction': Input should be 'maximize' or 'minimize'"),
         ({"base": str(tmp_path / "nope.yaml")}, "base config: config file not found"),
         ({"metric": "eval_acc"}, "metric 'eval_acc' is not among the evaluation results (eval_loss)"),
+        ({}, "was made by a different sweep ('metric' was 'eval_acc', now 'eval_loss')"),  # the study the case above made
     ]
 
 
