@@ -424,3 +424,6 @@ def _format_sweep_error(err: ValidationError) -> str:
     if first["type"] == "missing":
         return f"{where} is required{more}"
     return f"{where}: {first['msg']}, got {first.get('input')!r}{more}"
+
+
+COMMAND_SECTIONS["sweep"] = tuple(SweepConfig.model_fields)  # a sweep file's keys (`llmcli init sweep` lists them)
