@@ -130,7 +130,9 @@ def test_two_workers_then_kill9_and_sigterm_mid_trial_and_the_rerun_resumes_both
     assert [int(r["trial"]) for r in rows] == [r["trial"] for r in records] and len(rows) == 3
     assert [int(r["trial"]) for r in rows][: len(complete)] == [n for _, n in complete]
     assert float(rows[0]["eval_loss"]) == pytest.approx(complete[0][0], rel=1e-9)
-    assert "eval_loss" in result.stdout.splitlines()[1]
+    board = result.stdout.splitlines()
+    title = board.index("sweep leaderboard (minimize eval_loss)")
+    assert board[title + 1].split()[:4] == ["rank", "trial", "state", "eval_loss"] and len(board) >= title + 5
 
     best = out / "best.yaml"
     best_cfg = yaml.safe_load(best.read_text())
