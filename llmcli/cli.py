@@ -286,6 +286,28 @@ def report(
     _invoke(body, quiet or json_, debug)
 
 
+@app.command()
+def sweep(
+    config: ConfigOpt = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key of every trial's base config (repeatable).")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="The sweep dir (instead of the sweep file's output_dir).")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL shared by workers (default sqlite:///<sweep dir>/study.db).")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the best trial as one JSON object on stdout and nothing else.")] = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Search hyper-parameters with Optuna; every trial is an ordinary, resumable finetune/pretrain run."""
+
+    def body():
+        from llmcli.config import load_sweep_config
+
+        spec = load_sweep_config(config, list(set_ or []))
+        from llmcli import sweep as sweep_module
+
+        sweep_module.run(spec, overrides=list(set_ or []), output_dir=output_dir, storage=storage, as_json=json_)
+
+    _invoke(body, quiet or json_, debug)
+
+
 class InitCommand(str, Enum):
     pretrain = "pretrain"
     finetune = "finetune"

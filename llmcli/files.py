@@ -50,7 +50,10 @@ def publish_dir(final: Path, write: Callable[[Path], Any], marker: str) -> None:
     tmp.mkdir(parents=True)
     write(tmp)
     (tmp / COMPLETE_MARKER).write_text(marker)
-    shutil.rmtree(final, ignore_errors=True)  # a stale entry without a marker, or a racing writer's
+    if is_published(final):  # a racing writer got there first, and a reader may be using its entry
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(final, ignore_errors=True)  # a stale entry without a marker
     try:
         os.replace(tmp, final)
     except OSError:

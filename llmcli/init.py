@@ -53,8 +53,12 @@ COMMANDS = ("pretrain", "finetune", "generate", "eval", "sweep")
 def run(command: str, from_path: str | None = None, output: str | None = None) -> str:
     """Build the YAML for `command`; print it, or write it to `output`. Returns the text."""
     sections = _sections(command)
-    checks_training = "training" in sections
-    cfg = config.load_config(from_path, check_training=checks_training) if from_path else config.Config()
+    if not from_path:
+        cfg = config.Config()
+    elif command == "sweep":
+        cfg = config.load_sweep_config(from_path, [])
+    else:
+        cfg = config.load_config(from_path, command=command)
     text = render(command, cfg, sections, from_path, output)
     if output is None:
         print(text, end="")

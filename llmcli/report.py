@@ -327,13 +327,7 @@ def _lock_state(path: Path) -> dict | None:
     if holder.get("host") != socket.gethostname():
         return {**holder, "live": True}  # another machine's run: its pid cannot be checked from here
     try:
-        pid = int(holder.get("pid"))
-        os.kill(pid, 0)
-        live = True
-    except ProcessLookupError:
-        live = False
-    except PermissionError:
-        live = True
+        live = runs.pid_alive(int(holder.get("pid")))
     except (TypeError, ValueError, OverflowError):
         live = False
     return {**holder, "live": live}

@@ -41,8 +41,7 @@ def test_defaults_are_a_valid_config_with_every_key_described(cli, tmp_path, com
     assert text.splitlines()[0] == f"# llmcli {command} --config {command}.yaml"
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    check = "training" in config.COMMAND_SECTIONS[command]
-    loaded = config.load_config(path, check_training=check)
+    loaded = config.load_config(path, command=command) if command != "sweep" else config.Config()
     assert _sections_of(loaded, command) == _sections_of(config.Config(), command)
     raw = yaml.safe_load(text)
     assert set(raw) == set(config.COMMAND_SECTIONS[command])
@@ -94,9 +93,8 @@ def test_from_keeps_the_values_of_a_config(cli, tmp_path, command, source):
     out = tmp_path / "gen.yaml"
     result = cli("init", command, "--from", ROOT / source, "--output", out)
     assert result.stdout == "" and out.exists()
-    check = "training" in config.COMMAND_SECTIONS[command]
-    original = config.load_config(ROOT / source, check_training=check)
-    assert _sections_of(config.load_config(out, check_training=check), command) == _sections_of(original, command)
+    original = config.load_config(ROOT / source, command=command)
+    assert _sections_of(config.load_config(out, command=command), command) == _sections_of(original, command)
 
 
 def test_pretrain_dry_run_of_the_generated_config_matches_the_source(cli, tmp_path):
