@@ -34,12 +34,12 @@ SECTION_HELP = {
 }
 
 # TrainingArguments most runs set; listed commented out with the installed version's defaults.
-COMMON_TRAINING_ARGUMENTS = (
+COMMON_TRAINING_ARGUMENTS = (  # seed is a schema field (42), listed with the llmcli keys
     "max_steps", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
     "adam_beta1", "adam_beta2", "max_grad_norm", "optim", "logging_steps", "eval_strategy", "eval_steps",
     "save_strategy", "save_steps", "save_total_limit", "load_best_model_at_end", "metric_for_best_model",
-    "greater_is_better", "seed", "bf16", "fp16", "tf32", "activation_checkpointing", "torch_compile",
+    "greater_is_better", "bf16", "fp16", "tf32", "activation_checkpointing", "torch_compile",
     "dataloader_num_workers", "report_to", "run_name",
 )
 _LLMCLI_NOTES = {
@@ -108,11 +108,19 @@ def render(command: str, cfg: config.Config, sections: tuple[str, ...], from_pat
             lines += _comment(SECTION_HELP.get(section) or _doc(sub) or field.description, 0)
             lines += _dump(section, None, 0)
             lines.append(f"# {section}:")
-            lines += ["# " + line for line in _model_lines(sub, sub().model_dump(mode="json"), 2)]
+            lines += ["# " + line for line in _model_lines(sub, _defaults_of(sub), 2)]
         else:
             lines += _comment(_describe(field), 0)
             lines += _dump(section, value, 0)
     return "\n".join(lines) + "\n"
+
+
+def _defaults_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A section's default values; {} for one whose fields are required (a sweep's search parameter)."""
+    try:
+        return model().model_dump(mode="json")
+    except Exception:
+        return {}
 
 
 def _find_field(section: str):
@@ -215,6 +223,8 @@ def _submodel(annotation) -> type[BaseModel] | None:
 
 
 def _default(field) -> Any:
+    if field.is_required():
+        return None  # required: no default to show (the description says what to give)
     value = field.get_default(call_default_factory=True)
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
