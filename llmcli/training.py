@@ -79,6 +79,9 @@ def fit(
     DPOConfig and its ref_model); `after_train(trainer)` runs after the final model is saved and
     returns extra summary entries (finetune's per-class report, LoRA's merged model).
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # llmcli draws its own progress; no tqdm bars per checkpoint save
     eval_ds = datasets.get("validation") if hasattr(datasets, "get") else None
     args = training_arguments(cfg, has_eval=eval_ds is not None, args_cls=args_cls)
     is_lm = tasks.spec(task).is_lm

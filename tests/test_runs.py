@@ -127,12 +127,18 @@ def test_save_total_limit_rotates_renamed_checkpoints(cli, tmp_path):
 
 
 def test_second_run_into_a_locked_dir_exits_75(cli, tmp_path):
+    import fcntl
+
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".llmcli.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
-    result = cli(*args(out), expect=75)
+    lock = out / ".llmcli.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+    with open(lock) as held:  # a live holder: the flock is what counts, the file's contents only name it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli(*args(out), expect=75)
     assert f"pid {os.getpid()}" in result.stderr and socket.gethostname() in result.stderr and "2026-01-01" in result.stderr
-    assert (out / ".llmcli.lock").exists()  # the holder's lock is untouched
+    assert lock.exists() and json.loads(lock.read_text())["started"] == "2026-01-01T00:00:00"  # the holder's lock is untouched
+    assert not (out / "config.yaml").exists()
 
 
 def test_stale_lock_is_taken_over(cli, tmp_path):
