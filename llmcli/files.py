@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from llmcli.errors import ConfigError
+
 COMPLETE_MARKER = "llmcli-complete"
 
 
@@ -23,16 +25,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=_json_default) + "\n")
+        fh.write(json.dumps(record, default=json_default) + "\n")
         fh.flush()
 
 
-def _json_default(obj):
+def json_default(obj):
+    """numpy/torch scalars as numbers, anything else as its string (for json.dumps)."""
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
@@ -58,3 +61,12 @@ def publish_dir(final: Path, write: Callable[[Path], Any], marker: str) -> None:
         os.replace(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_writable_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create output dir {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output dir {path} is not writable")

@@ -27,7 +27,7 @@ from llmcli import console
 from llmcli.config import Config, dump_resolved, load_config
 from llmcli.dist import is_main_process, wait_for_everyone
 from llmcli.errors import ConfigError, LockedError
-from llmcli.files import atomic_write_text
+from llmcli.files import atomic_write_text, ensure_writable_dir
 
 LOCK_NAME = ".llmcli.lock"
 STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
@@ -127,15 +127,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def ensure_writable_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create output dir {path}: {err.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"output dir {path} is not writable")
 
 
 # --------------------------------------------------------------------------------------------

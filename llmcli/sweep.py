@@ -40,7 +40,7 @@ from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
-from llmcli import console, runs
+from llmcli import console, files, runs
 from llmcli.config import SweepConfig, load_config, param_override
 from llmcli.config import _suggest as _did_you_mean
 from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
@@ -64,7 +64,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
         raise ConfigError("a sweep runs each trial in its own process: leave launch.num_processes at 1 and start one `llmcli sweep` per GPU instead")
     if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
         console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
-    runs.ensure_writable_dir(sweep_dir)
+    files.ensure_writable_dir(sweep_dir)
     study = _open_study(sweep, sweep_dir, storage, list(overrides))
     budget = _budget(sweep)
     command = importlib.import_module(f"llmcli.{sweep.command}")
@@ -213,10 +213,6 @@ def _finished_summary(run_dir: Path) -> dict | None:
     return None if summary.get("status") == "failed" else summary
 
 
-def _json_default(obj):
-    return obj.item() if hasattr(obj, "item") else str(obj)
-
-
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -277,7 +273,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
                           f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
     pruned = pruning.pruned or "pruned_at_eval" in trial.user_attrs
     summary.update(trial=trial.number, pruned=pruned)
-    runs.atomic_write_text(trial_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+    files.write_json_atomic(trial_dir / "summary.json", summary)
     if pruned:
         study.tell(trial, state=TrialState.PRUNED)
         console.info(f"trial {trial.number} pruned at evaluation {trial.user_attrs['pruned_at_eval']} ({sweep.metric} {_fmt(value)})")
@@ -401,7 +397,7 @@ def _report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[s
     best = _write_best(study, sweep, sweep_dir)
     _plots(study, sweep, sweep_dir)
     if as_json:
-        print(json.dumps(best or {}, default=_json_default))
+        print(json.dumps(best or {}, default=files.json_default))
     else:
         _print_leaderboard(rows, sweep)
         if best:
@@ -437,14 +433,14 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
 
 def _write_tables(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
     rows = _leaderboard(study, sweep, sweep_dir)
-    runs.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    files.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=files.json_default) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["rank", "trial", "state", sweep.metric, *sweep.search, "global_step", "train_runtime_s", "run_dir", "note"])
     for r in rows:
         writer.writerow([r["rank"], r["trial"], r["state"], r[sweep.metric], *(r["params"].get(k) for k in sweep.search),
                          r["global_step"], r["train_runtime_s"], r["run_dir"], r["note"]])
-    runs.atomic_write_text(sweep_dir / "leaderboard.csv", buf.getvalue())
+    files.atomic_write_text(sweep_dir / "leaderboard.csv", buf.getvalue())
     return rows
 
 
