@@ -68,6 +68,28 @@ def _check_reward_section(cfg: Config) -> None:
                           "reward-model run dir) or reward.function (module:function)")
     if r.function is not None and r.label is not None:
         raise ConfigError("reward.label goes with reward.model (a classifier), not reward.function")
+    if r.function is not None:
+        FunctionReward(r.function)  # importable and callable, before the run dir is touched
+    else:
+        _check_reward_model(r.model, r.label, cfg.model)
+
+
+def _check_reward_model(path: str, label: str | None, m: ModelSection) -> None:
+    """reward.model is a classifier with `label`, or a reward model without one (its config only)."""
+    from llmcli import modeling, tasks
+
+    config = modeling.load_pretrained_config(modeling.resolve_model_path(path), m)
+    kind = tasks.task_of_model(config)
+    if kind != Task.CLASSIFICATION:
+        raise ConfigError(f"reward.model: {path} is a {kind} model; it must be a classifier or a reward model")
+    labels = [str(v) for _, v in sorted((int(k), v) for k, v in config.id2label.items())]
+    if tasks.is_reward_model(config):
+        if label is not None:
+            raise ConfigError(f"reward.label: {path} is a reward model (one score per text); remove reward.label")
+    elif label is None:
+        raise ConfigError(f"reward.label: {path} is a classifier; name the label whose probability is the reward (one of {', '.join(labels)})")
+    elif label not in labels:
+        raise ConfigError(f"reward.label: '{label}' is not a label of {path} (labels: {', '.join(labels)})")
 
 
 # `generation:` key -> GRPOConfig field; GRPO samples with these, so they are set in one place only
@@ -170,16 +192,20 @@ def _check_sources(raw: RawData, preference: bool) -> None:
         for key in ("train_file", "validation_file"):
             spec = getattr(data, key)
             for path in resolve_files(spec, key) if spec else []:
-                if Path(path).suffix.lower() == ".jsonl":
-                    rows = _jsonl_rows(path)
-                else:
-                    ds = _load_files([path], data, key)
-                    offset = 2 if Path(path).suffix.lower() in (".csv", ".tsv") else 1  # a header line
-                    rows = ((f"{path}:{i + offset}" if offset == 2 else f"{path}: row {i + 1}", row) for i, row in enumerate(ds))
-                _check_rows(rows, data, preference, key)
+                _check_rows(_file_rows(path, data, key), data, preference, key)
     else:
         for split, ds in raw.splits.items():
             _check_rows(((f"the {split} split, row {i + 1}", row) for i, row in enumerate(ds)), data, preference, "dataset_name")
+
+
+def _file_rows(path: str, data, key: str):
+    """(where, row) for each row of a file: JSONL read line by line, other formats through `datasets`."""
+    if Path(path).suffix.lower() == ".jsonl":
+        return _jsonl_rows(path)
+    ds = _load_files([path], data, key)
+    if Path(path).suffix.lower() in (".csv", ".tsv"):
+        return ((f"{path}:{i + 2}", row) for i, row in enumerate(ds))  # line 1 is the header
+    return ((f"{path}: row {i + 1}", row) for i, row in enumerate(ds))
 
 
 def _jsonl_rows(path: str):
@@ -306,45 +332,86 @@ class ModelReward(Reward):
 
         resolved = modeling.resolve_model_path(path)
         inference = ModelSection(trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
-        self.model, self.tokenizer, kind = modeling.load_for_inference(resolved, inference, device, "float32")
-        if kind != Task.CLASSIFICATION:
-            raise ConfigError(f"reward.model: {path} is a {kind} model; it must be a classifier or a reward model")
+        _check_reward_model(path, label, m)
+        self.model, self.tokenizer, _ = modeling.load_for_inference(resolved, inference, device, "float32")
         self.is_reward_model = is_reward_model(self.model.config)
-        id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         if self.is_reward_model:
-            if label is not None:
-                raise ConfigError(f"reward.label: {path} is a reward model (one score per text); remove reward.label")
-            self.index = 0
-            self.__name__ = "reward_model"
+            self.index, self.__name__ = 0, "reward_model"
         else:
-            if label is None:
-                raise ConfigError(f"reward.label: {path} is a classifier; name the label whose probability is the reward "
-                                  f"(one of {', '.join(map(str, id2label.values()))})")
-            if label not in id2label.values():
-                raise ConfigError(f"reward.label: '{label}' is not a label of {path} (labels: {', '.join(map(str, id2label.values()))})")
-            self.index = next(i for i, name in id2label.items() if name == label)
+            self.index = {v: int(k) for k, v in self.model.config.id2label.items()}[label]
             self.__name__ = f"p_{label}"
         self.batch_size = batch_size
         self.context = modeling.context_length(self.model.config) or 512
 
-    def score(self, texts: list[str]) -> list[float]:
+    def score(self, texts: list[str], add_eos: bool = True) -> list[float]:
         import torch
 
-        if self.is_reward_model and self.tokenizer.eos_token:
+        if self.is_reward_model and add_eos and self.tokenizer.eos_token:
             texts = [t + self.tokenizer.eos_token for t in texts]  # as TRL's RewardTrainer trained it
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [0.0] * len(texts)
         self.tokenizer.padding_side = "right"  # absolute positions start at 0
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b : b + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.context,
-                                 return_tensors="pt").to(self.model.device)
-            with torch.inference_mode():
-                logits = self.model(**enc).logits.float()
-            values = logits[:, 0] if self.is_reward_model else torch.softmax(logits, dim=-1)[:, self.index]
-            for i, v in zip(idx, values.tolist()):
-                out[i] = v
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b : b + self.batch_size]
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.context,
+                                     return_tensors="pt").to(self.model.device)
+                with torch.inference_mode():
+                    logits = self.model(**enc).logits.float()
+                values = logits[:, 0] if self.is_reward_model else torch.softmax(logits, dim=-1)[:, self.index]
+                for i, v in zip(idx, values.tolist()):
+                    out[i] = v
+        finally:
+            self.model.train(was_training)
         return out
+
+
+class RewardScorer(ModelReward):
+    """A reward model already in memory (the one just trained, or `llmcli eval`'s) as a scorer."""
+
+    def __init__(self, model, tokenizer, batch_size: int):
+        from llmcli import modeling
+
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.is_reward_model, self.index = True, 0
+        self.context = modeling.context_length(model.config) or 512
+
+
+def preference_accuracy(scorer: ModelReward, rows) -> dict[str, Any]:
+    """Share of pairs whose chosen response scores above the rejected one (ties count as wrong, as
+    in TRL's accuracy), and the mean margin score(chosen) - score(rejected). Texts are built as
+    TRL's RewardTrainer builds them: prompt + response + EOS, or the chat template of the messages."""
+    prompts = rows["prompt"] if "prompt" in rows.column_names else [None] * len(rows)
+    conversational = is_conversation(rows[0]["chosen"])
+
+    def texts(responses):
+        if conversational:
+            return [scorer.tokenizer.apply_chat_template((p or []) + r, tokenize=False) for p, r in zip(prompts, responses)]
+        return [(p or "") + r for p, r in zip(prompts, responses)]
+
+    chosen = scorer.score(texts(rows["chosen"]), add_eos=not conversational)
+    rejected = scorer.score(texts(rows["rejected"]), add_eos=not conversational)
+    n = len(chosen)
+    return {"preference_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+            "preference_margin": sum(c - r for c, r in zip(chosen, rejected)) / n, "preference_pairs": n}
+
+
+def eval_pairs(data, split: str):
+    """`llmcli eval` of a reward model: the preference rows it scores (the file `--data` names, else
+    the hub split), checked like training rows and renamed to prompt/chosen/rejected."""
+    from llmcli.data import load_eval_split
+
+    raw = load_eval_split(data, split)
+    key = "validation_file" if data.validation_file else "train_file" if data.train_file else None
+    if key is not None:
+        for path in resolve_files(getattr(data, key), key):
+            _check_rows(_file_rows(path, data, key), data, True, key)
+    else:
+        _check_rows(((f"the {split} split, row {i + 1}", row) for i, row in enumerate(raw)), data, True, "dataset_name")
+    names = preference_columns(raw, data)
+    return raw.select_columns(list(names.values())).rename_columns({old: new for new, old in names.items() if old != new})
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,42 +454,12 @@ def _setup_reward(cfg: Config, model, tokenizer, rows) -> Setup:
     model.config.pad_token_id = tokenizer.pad_token_id
 
     def after_train(trainer) -> dict[str, Any]:
-        if "validation" not in rows or is_conversation(rows["validation"][0]["chosen"]):
+        if "validation" not in rows:
             return {}
-        scorer = _ScoreWith(trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.args.per_device_eval_batch_size)
+        scorer = RewardScorer(trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.args.per_device_eval_batch_size)
         return preference_accuracy(scorer, rows["validation"])
 
     return Setup(rows, after_train=after_train)
-
-
-class _ScoreWith(ModelReward):
-    """A reward model in memory (the one just trained) as a scorer."""
-
-    def __init__(self, model, tokenizer, batch_size: int):
-        from llmcli import modeling
-
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.is_reward_model, self.index = True, 0
-        self.context = modeling.context_length(model.config) or 512
-
-    def score(self, texts):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return super().score(texts)
-        finally:
-            self.model.train(was_training)
-
-
-def preference_accuracy(scorer: ModelReward, rows) -> dict[str, Any]:
-    """Share of pairs whose chosen text scores above the rejected one, and the mean margin."""
-    prompts = rows["prompt"] if "prompt" in rows.column_names else [""] * len(rows)
-    chosen = scorer.score([p + c for p, c in zip(prompts, rows["chosen"])])
-    rejected = scorer.score([p + r for p, r in zip(prompts, rows["rejected"])])
-    wins = sum(c > r for c, r in zip(chosen, rejected))
-    n = len(chosen)
-    return {"preference_accuracy": wins / n, "preference_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
-            "preference_pairs": n}
 
 
 def _setup_rl(cfg: Config, model, tokenizer, rows, model_path: str, run_path: Path) -> Setup:

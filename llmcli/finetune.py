@@ -89,6 +89,9 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
     with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
         if run_dir.finished is not None:
             return run_dir.finished
+        if run_dir.checkpoint is not None and (cfg.training.model_extra or {}).get("eval_on_start"):
+            # the start was evaluated by the first session (and kept in metrics.jsonl): not again at the resumed step
+            cfg.training = cfg.training.model_copy(update={"eval_on_start": False})
         import transformers
 
         from llmcli import tokenization
