@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from llmcli import console
 from llmcli.config import Config, GenerationSection, ModelSection, TrainingSection
+from llmcli.dist import is_main_process
 from llmcli.errors import ConfigError, DataError
 from llmcli.sources import RawData, _load_files, resolve_files
 from llmcli.tasks import FEEDBACK_TASKS, Task
@@ -282,9 +283,13 @@ def join_text(prompt, completion) -> str:
 
 
 def reward_function(cfg: Config, device: str | None = None) -> Reward:
+    from llmcli.dist import distributed_state, is_distributed
+
     r = cfg.reward
     if r.function is not None:
         return FunctionReward(r.function)
+    if device is None and is_distributed():
+        device = str(distributed_state().device)  # each rank scores its own completions on its own device
     return ModelReward(r.model, r.label, r.batch_size, cfg.model, device)
 
 
@@ -433,12 +438,12 @@ def setup(task: Task, cfg: Config, model, tokenizer, rows, model_path: str, run_
     if task == Task.REWARD:
         return _setup_reward(cfg, model, tokenizer, rows)
     if task == Task.DPO:
-        _check_chat_template(rows, tokenizer)
         return Setup(rows)
     return _setup_rl(cfg, model, tokenizer, rows, model_path, run_path)
 
 
-def _check_chat_template(rows, tokenizer) -> None:
+def check_rows_for(rows, tokenizer) -> None:
+    """Conversational rows need a chat template to become tokens (checked before the run dir)."""
     first = rows["train"][0]
     if any(is_conversation(v) for v in first.values()) and not getattr(tokenizer, "chat_template", None):
         raise DataError("the rows are conversations (lists of messages) but the tokenizer has no chat template; "
@@ -446,7 +451,6 @@ def _check_chat_template(rows, tokenizer) -> None:
 
 
 def _setup_reward(cfg: Config, model, tokenizer, rows) -> Setup:
-    _check_chat_template(rows, tokenizer)
     if tokenizer.eos_token is None and tokenizer.sep_token is not None:
         tokenizer.eos_token = tokenizer.sep_token  # BERT-style: TRL ends each response with the EOS token
     if tokenizer.pad_token is None:
@@ -465,7 +469,6 @@ def _setup_reward(cfg: Config, model, tokenizer, rows) -> Setup:
 def _setup_rl(cfg: Config, model, tokenizer, rows, model_path: str, run_path: Path) -> Setup:
     from datasets import DatasetDict
 
-    _check_chat_template(rows, tokenizer)
     reward = reward_function(cfg)
     eval_prompts = list(rows["validation"]["prompt"]) if "validation" in rows else []
     strategy = str(cfg.training.model_extra.get("eval_strategy", "no"))
@@ -556,7 +559,7 @@ def policy_eval(model, tokenizer, prompts: list, reward: Reward, g: GenerationSe
     scores = reward.score(texts)
     for row, s in zip(rows, scores):
         row["reward"] = s
-    if out_path is not None:
+    if out_path is not None and is_main_process():
         out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     result = {
         "reward": sum(scores) / len(scores),

@@ -83,7 +83,11 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
     through `training.fit` with what `feedback.setup` adds (reward function, before/after numbers)."""
     from llmcli import feedback, training
 
+    from llmcli import tokenization
+
     rows, about = feedback.datasets(task, raw)
+    tokenizer = tokenization.load_tokenizer(cfg, model_path, raw)  # the model's own: nothing is trained or written
+    feedback.check_rows_for(rows, tokenizer)
     if dry_run:
         return training.dry_run(cfg, "finetune", task, model_path)
     with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
@@ -94,10 +98,7 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
             cfg.training = cfg.training.model_copy(update={"eval_on_start": False})
         import transformers
 
-        from llmcli import tokenization
-
         transformers.set_seed(cfg.training.seed)
-        tokenizer = tokenization.load_tokenizer(cfg, model_path, raw)
         model = modeling.build_model(cfg, task, tokenizer, model_path)
         console.info(about)
         if cfg.peft is not None:

@@ -321,3 +321,30 @@ def test_reward_model_settings_are_checked_before_the_run(cli, tmp_path, gpt2_ru
     assert "is a classifier; name the label whose probability is the reward (one of negative, positive)" in result.stderr
     result = cli(*base, *sets(*rl, f"reward.model={gpt2_run}", "reward.label=positive"), expect=2)
     assert f"reward.model: {gpt2_run} is a causal-lm model" in result.stderr
+
+
+def test_conversational_pairs_need_a_chat_template_and_train_a_reward_model(cli, tmp_path, gpt2_run):
+    import shutil
+
+    conv = [{"prompt": [{"role": "user", "content": "a review, please"}], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in _pairs(TRAIN)]
+    f = _write_jsonl(tmp_path / "conv.jsonl", conv)
+    args = ["finetune", *sets(*COMMON, "task=reward", f"data.train_file={f}", "data.validation_split_percentage=20",
+            "training.max_steps=2", "training.per_device_eval_batch_size=32")]
+    result = cli(*args, "--model", gpt2_run, "-o", tmp_path / "no-template", expect=4)
+    assert not (tmp_path / "no-template").exists()
+    assert result.stderr.strip() == ("error: the rows are conversations (lists of messages) but the tokenizer has no chat "
+                                     "template; use text rows or a model whose tokenizer has one")
+    model = tmp_path / "chat-gpt2"
+    shutil.copytree(gpt2_run, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tok_config = json.loads((model / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    out = tmp_path / "rm"
+    result = cli(*args, "--model", model, "-o", out)
+    assert "reward: 60 preference pairs (conversations), 15 held out" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    # the held-out pairs scored through the chat template, as TRL's own evaluation scored them
+    assert summary["preference_pairs"] == 15
+    assert summary["preference_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-6)
+    assert summary["preference_margin"] == pytest.approx(summary["eval_margin"], rel=1e-4, abs=1e-7)
