@@ -53,6 +53,8 @@ class DataSection(_Section):
     label_column: str | None = Field(None, description="Label column for classification (default: 'label' if present).")
     prompt_column: str | None = Field(None, description="Instruction data: prompt column (loss only on the completion).")
     completion_column: str | None = Field(None, description="Instruction data: completion column.")
+    chosen_column: str | None = Field(None, description="Preference data (task reward/dpo): the preferred response (default 'chosen').")
+    rejected_column: str | None = Field(None, description="Preference data (task reward/dpo): the dispreferred response (default 'rejected').")
     block_size: int | None = Field(None, gt=0, description="Tokens per LM training example (default: min(1024, the model's context)).")
     max_seq_length: int = Field(128, gt=0, description="Truncation length for classification and prompt/completion examples.")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for masked-LM training and evaluation.")
@@ -99,6 +101,7 @@ class PeftSection(_Section):
 
 class GenerationSection(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Tokens to generate per prompt.")
+    min_new_tokens: int = Field(0, ge=0, description="Generate at least this many tokens before EOS may end a completion (task rl: the policy cannot win by stopping early).")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 means greedy.")
     top_k: int | None = Field(50, ge=0, description="Sample from the k most likely tokens (0/None = off).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (None = off).")
@@ -121,6 +124,16 @@ class EvalSection(_Section):
     fail_over: dict[str, float] = Field(default_factory=dict, description="Exit 3 when a metric is above this value.")
 
 
+class RewardSection(_Section):
+    """`task: rl`: what scores the policy's texts (prompt + completion). Exactly one of model / function."""
+
+    model: str | None = Field(None, description="A classifier (with `label`) or reward-model run dir / model dir that scores the texts.")
+    label: str | None = Field(None, description="Classifier label whose probability is the reward (e.g. positive); not for reward models.")
+    function: str | None = Field(None, description="'module:function' taking a list of texts and returning one float per text.")
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass of the reward model.")
+    eval_samples: int = Field(1, ge=1, description="Completions per eval prompt for summary.json's reward_before / reward_after.")
+
+
 class LaunchSection(_Section):
     num_processes: int = Field(1, ge=1, description="Processes to start through accelerate (one per GPU).")
     config_file: str | None = Field(None, description="An accelerate config file (configs/accelerate/*.yaml).")
@@ -129,7 +142,7 @@ class LaunchSection(_Section):
 # The sections each command reads (the rest of a shared config is ignored by that command).
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("task", "model", "data", "training", "launch"),
-    "finetune": ("task", "model", "data", "training", "peft", "launch"),
+    "finetune": ("task", "model", "data", "training", "peft", "reward", "launch"),
     "generate": ("model", "generation"),
     "eval": ("model", "data", "eval", "launch"),
 }
@@ -138,13 +151,21 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
 # Sections a training config may carry for later `generate`/`eval` runs of its model, unread by training.
 CARRIED_SECTIONS = ("generation", "eval")
 
+# Sections a command reads only for some tasks: `task: rl` samples with `generation:`.
+TASK_SECTIONS: dict[tuple[str, str], tuple[str, ...]] = {("finetune", "rl"): ("generation",)}
+
+
+def sections_read(command: str, task) -> tuple[str, ...]:
+    return COMMAND_SECTIONS[command] + TASK_SECTIONS.get((command, str(task)), ())
+
 
 class Config(_Section):
-    task: Literal["auto"] | Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels.")
+    task: Literal["auto"] | Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels. reward / dpo / rl: learning from feedback (finetune).")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     peft: PeftSection | None = None
+    reward: RewardSection | None = None
     generation: GenerationSection = Field(default_factory=GenerationSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
@@ -199,7 +220,7 @@ def check_sections(cfg: Config, command: str, file_sections: set[str], set_secti
     for training commands, in the config file (e.g. `peft:` in a pretrain config would be silently
     ignored); `generation:`/`eval:` may ride along in training configs for later commands.
     `generate`/`eval` often take a run's whole config.yaml: there, unread sections get one warning."""
-    reads = COMMAND_SECTIONS[command]
+    reads = sections_read(command, cfg.task)
     unread = [name for name in Config.model_fields if name not in reads and _is_set(cfg, name)]
     for name in unread:
         if name in set_sections:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmcli import console, data, metrics, modeling
+from llmcli import console, data, metrics, modeling, tasks
 from llmcli.config import Config
 from llmcli.errors import ConfigError, GateFailed
 from llmcli.dist import distributed_state, is_distributed, is_main_process, main_process_first
@@ -43,6 +43,7 @@ from llmcli.dist import distributed_state, is_distributed, is_main_process, main
 LM_METRICS = ("nll", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "tokens_scored", "bytes", "words")
 MLM_METRICS = ("mlm_loss", "mlm_accuracy", "perplexity", "masked_tokens")
 CLASSIFIER_METRICS = ("accuracy", "precision", "recall", "f1", "examples")
+REWARD_METRICS = ("preference_accuracy", "preference_margin", "preference_pairs")
 
 
 def run(cfg: Config, checkpoint: str | None = None, as_json: bool = False, output_path: str | None = None,
@@ -55,9 +56,13 @@ def run(cfg: Config, checkpoint: str | None = None, as_json: bool = False, outpu
         device = str(distributed_state().device)  # each rank on its own device
     model, tokenizer, kind = modeling.load_for_inference(path, cfg.model, device, dtype)
     task = {"classifier": "classification"}.get(kind, kind)
+    if task == "classification" and tasks.is_reward_model(model.config):
+        task = "reward"
     _check_gate_names(cfg, task)
 
-    if task == "classification":
+    if task == "reward":
+        result_metrics, protocol = _eval_reward_model(model, tokenizer, cfg)
+    elif task == "classification":
         result_metrics, protocol = _eval_classifier(model, tokenizer, cfg, errors_path)
     elif task == "masked-lm":
         result_metrics, protocol = _eval_masked_lm(model, tokenizer, cfg)
@@ -363,6 +368,18 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
     return result, protocol
 
 
+def _eval_reward_model(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A reward model (`task: reward`) on preference pairs: how often it scores chosen above rejected."""
+    from llmcli import feedback
+
+    with main_process_first():
+        pairs = feedback.eval_pairs(cfg.data, cfg.eval.split)
+    result = feedback.preference_accuracy(feedback.RewardScorer(model, tokenizer, cfg.eval.batch_size), pairs)
+    protocol = {"score": "the model's one logit for prompt + response + EOS (chat template for conversations)",
+                "accuracy": "share of pairs with score(chosen) > score(rejected); ties count as wrong"}
+    return result, protocol
+
+
 def _model_labels(config, feature) -> tuple[list[str], dict[str, int]]:
     """(label names by id, data label -> id). A classifier with its own label names maps data labels
     by name; one with the library's LABEL_0.. placeholders maps them by index: integer labels, a
@@ -406,7 +423,7 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def _check_gate_names(cfg: Config, task: str) -> None:
-    known = {"classification": CLASSIFIER_METRICS, "masked-lm": MLM_METRICS}.get(task, LM_METRICS)
+    known = {"classification": CLASSIFIER_METRICS, "masked-lm": MLM_METRICS, "reward": REWARD_METRICS}.get(task, LM_METRICS)
     for name in list(cfg.eval.fail_under) + list(cfg.eval.fail_over):
         if name not in known:
             raise ConfigError(f"--fail-under/--fail-over: unknown metric '{name}' for {task} (metrics: {', '.join(known)})")

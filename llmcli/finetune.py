@@ -1,4 +1,5 @@
-"""`llmcli finetune`: sequence classification or causal-LM fine-tuning of a pretrained model.
+"""`llmcli finetune`: sequence classification or causal-LM fine-tuning of a pretrained model, or
+learning from feedback (`task: reward | dpo | rl`, TRL's trainers: see llmcli/feedback.py).
 
     llmcli finetune --config configs/sst2.yaml
     llmcli finetune --config configs/sst2-minilm-cpu.yaml --set peft=true
@@ -37,8 +38,11 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     task, fmt = tasks.resolve_task(cfg.task, "finetune", model_config.model_type, raw.columns,
                                    prompt_columns_set=bool(d.prompt_column or d.completion_column),
                                    label_column_set=bool(d.label_column))
-    from llmcli import training
+    from llmcli import feedback, training
 
+    feedback.check_config(cfg, task)
+    if task in tasks.FEEDBACK_TASKS:
+        return _run_feedback(cfg, task, raw, model_path, resume, overwrite, dry_run, callbacks)
     if dry_run:
         return training.dry_run(cfg, "finetune", task, model_path)
 
@@ -73,15 +77,57 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     return summary
 
 
+def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume: bool, overwrite: bool, dry_run: bool,
+                  callbacks: tuple) -> dict[str, Any]:
+    """task reward / dpo / rl: the rows are checked before anything is written; TRL's trainer runs
+    through `training.fit` with what `feedback.setup` adds (reward function, before/after numbers)."""
+    from llmcli import feedback, training
+
+    from llmcli import tokenization
+
+    rows, about = feedback.datasets(task, raw)
+    tokenizer = tokenization.load_tokenizer(cfg, model_path, raw)  # the model's own: nothing is trained or written
+    feedback.check_rows_for(rows, tokenizer)
+    if dry_run:
+        return training.dry_run(cfg, "finetune", task, model_path)
+    with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
+        if run_dir.finished is not None:
+            return run_dir.finished
+        if run_dir.checkpoint is not None and (cfg.training.model_extra or {}).get("eval_on_start"):
+            # the start was evaluated by the first session (and kept in metrics.jsonl): not again at the resumed step
+            cfg.training = cfg.training.model_copy(update={"eval_on_start": False})
+        import transformers
+
+        transformers.set_seed(cfg.training.seed)
+        model = modeling.build_model(cfg, task, tokenizer, model_path)
+        console.info(about)
+        if cfg.peft is not None:
+            model = _add_lora(model, cfg, task)
+        s = feedback.setup(task, cfg, model, tokenizer, rows, model_path, run_dir.path)
+
+        def after_train(trainer) -> dict[str, Any]:
+            out = s.after_train(trainer) if s.after_train else {}
+            if cfg.peft is not None and cfg.peft.merge and trainer.is_world_process_zero():
+                out["merged_model"] = str(_save_merged(trainer.model, tokenizer, run_dir.path))
+            return out
+
+        summary = training.fit(run_dir, cfg, model, tokenizer, s.datasets, None, task, after_train=after_train,
+                               callbacks=callbacks, trainer_cls=tasks.trainer_class(task), args_cls=tasks.args_class(task),
+                               trainer_kwargs=s.trainer_kwargs)
+    console.summary_table("finetune", cfg.training.output_dir, summary)
+    return summary
+
+
 def _add_lora(model, cfg: Config, task: str):
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
         raise ConfigError("peft: LoRA needs the peft package: pip install 'llmcli[peft]'") from None
     p = cfg.peft
-    task_type = {Task.CLASSIFICATION: TaskType.SEQ_CLS, Task.CAUSAL_LM: TaskType.CAUSAL_LM}.get(task)
+    task_type = {Task.CLASSIFICATION: TaskType.SEQ_CLS, Task.REWARD: TaskType.SEQ_CLS, Task.CAUSAL_LM: TaskType.CAUSAL_LM,
+                 Task.DPO: TaskType.CAUSAL_LM, Task.RL: TaskType.CAUSAL_LM}.get(task)
     if task_type is None:
-        raise ConfigError(f"peft: LoRA is supported for classification and causal-lm, not {task}")
+        raise ConfigError(f"peft: LoRA is supported for classification, causal-lm, reward, dpo and rl, not {task}")
     lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules, task_type=task_type)
     try:
         model = get_peft_model(model, lora)

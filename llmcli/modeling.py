@@ -136,8 +136,8 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
             token_id = getattr(tokenizer, attr, None)
             if token_id is not None:
                 setattr(config, attr, token_id)
-        if task == Task.CLASSIFICATION:
-            _set_labels(config, label_names)
+        if task in (Task.CLASSIFICATION, Task.REWARD):
+            _set_labels(config, REWARD_LABELS if task == Task.REWARD else label_names)
         if m.attn_implementation:
             config._attn_implementation = m.attn_implementation
         model = head.from_config(config)
@@ -149,10 +149,12 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     if m.config_overrides:
         _apply_overrides(config, m.config_overrides)
     kwargs = _load_kwargs(m, config=config)
-    if task == Task.CLASSIFICATION:
-        _set_labels(config, label_names)
+    if task in (Task.CLASSIFICATION, Task.REWARD):
+        _set_labels(config, REWARD_LABELS if task == Task.REWARD else label_names)
         if config.pad_token_id is None and tokenizer.pad_token_id is not None:
             config.pad_token_id = tokenizer.pad_token_id  # GPT2ForSequenceClassification finds the last non-pad token
+    if task == Task.REWARD:
+        kwargs["ignore_mismatched_sizes"] = True  # a classifier may start a reward model: its head is replaced
     try:
         model = head.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as err:
@@ -175,6 +177,9 @@ def scratch_config(m: ModelSection):
         raise ConfigError(f"model.model_type: unknown model type '{m.model_type}' (e.g. gpt2, bert, llama)") from None
     _apply_overrides(config, m.config_overrides)
     return config
+
+
+REWARD_LABELS = ["reward"]  # a reward model: one output, its score (tasks.is_reward_model)
 
 
 def _load_kwargs(m: ModelSection, **extra) -> dict[str, Any]:

@@ -20,6 +20,9 @@ class Task(str, Enum):
     CAUSAL_LM = "causal-lm"
     MASKED_LM = "masked-lm"
     CLASSIFICATION = "classification"
+    REWARD = "reward"  # pairwise reward model (TRL RewardTrainer)
+    DPO = "dpo"  # direct preference optimisation of a causal LM (TRL DPOTrainer)
+    RL = "rl"  # online policy gradient of a causal LM against a reward (TRL GRPOTrainer)
 
     def __str__(self) -> str:
         return self.value
@@ -29,6 +32,8 @@ class DataFormat(str, Enum):
     TEXT = "text"  # concatenated and cut into blocks (LM objectives)
     PROMPT_COMPLETION = "prompt-completion"  # one example per row, loss on the completion only
     LABELLED = "labelled"  # text (and text pair) with a label per row
+    PREFERENCE = "preference"  # prompt? + chosen + rejected per row (reward, dpo)
+    PROMPTS = "prompts"  # prompts only: the policy writes the completions (rl)
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,16 @@ SPECS: dict[Task, TaskSpec] = {
     Task.CAUSAL_LM: TaskSpec("AutoModelForCausalLM", is_lm=True, main_metric="eval_loss"),
     Task.MASKED_LM: TaskSpec("AutoModelForMaskedLM", is_lm=True, main_metric="eval_loss"),
     Task.CLASSIFICATION: TaskSpec("AutoModelForSequenceClassification", is_lm=False, main_metric="eval_accuracy", commands=("finetune",)),
+    # learning from feedback (llmcli.feedback): TRL's trainers, each with its own config class
+    Task.REWARD: TaskSpec("AutoModelForSequenceClassification", is_lm=False, main_metric="eval_accuracy",
+                          args_class="trl:RewardConfig", trainer_class="trl:RewardTrainer", commands=("finetune",)),
+    Task.DPO: TaskSpec("AutoModelForCausalLM", is_lm=False, main_metric="eval_rewards/accuracies",
+                       args_class="trl:DPOConfig", trainer_class="trl:DPOTrainer", commands=("finetune",)),
+    Task.RL: TaskSpec("AutoModelForCausalLM", is_lm=False, main_metric="reward_after",
+                      args_class="trl:GRPOConfig", trainer_class="trl:GRPOTrainer", commands=("finetune",)),
 }
+
+FEEDBACK_TASKS = frozenset({Task.REWARD, Task.DPO, Task.RL})
 
 
 def spec(task: Task) -> TaskSpec:
@@ -84,7 +98,21 @@ def auto_class(task: Task):
 
 
 def args_class(task: Task | str):
-    return load_object(spec(task).args_class) if task != "auto" else load_object("transformers:TrainingArguments")
+    return _trl_checked(task, spec(task).args_class) if task != "auto" else load_object("transformers:TrainingArguments")
+
+
+def trainer_class(task: Task):
+    return _trl_checked(task, spec(task).trainer_class)
+
+
+def _trl_checked(task, ref: str):
+    """The class `ref`; TRL's with a one-line install hint when TRL is missing."""
+    if ref.startswith("trl:"):
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            raise ConfigError(f"task: {task} trains with TRL, which is not installed: pip install 'llmcli[feedback]'")
+    return load_object(ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +138,10 @@ def _has_label_column(columns) -> bool:
 
 
 def _data_format(task: Task, command: str, columns, prompt_columns_set: bool) -> DataFormat:
+    if task in (Task.REWARD, Task.DPO):
+        return DataFormat.PREFERENCE
+    if task == Task.RL:
+        return DataFormat.PROMPTS
     if task == Task.CLASSIFICATION:
         return DataFormat.LABELLED
     if task == Task.CAUSAL_LM and command == "finetune":
@@ -142,7 +174,8 @@ def default_lm_task(model_type: str) -> Task:
 
 
 def task_of_model(config) -> Task:
-    """The task a saved model was trained for, from its recorded architecture."""
+    """The task a saved model was trained for, from its recorded architecture (a reward model is a
+    one-output sequence classifier: `classification` here, told apart by `is_reward_model`)."""
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return Task.CLASSIFICATION
@@ -151,6 +184,12 @@ def task_of_model(config) -> Task:
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return Task.CAUSAL_LM
     return default_lm_task(config.model_type)
+
+
+def is_reward_model(config) -> bool:
+    """A sequence classifier with one output: a reward model (`task: reward`), scored by its logit."""
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in archs) and getattr(config, "num_labels", 2) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +202,8 @@ def collator(task: Task, fmt: DataFormat, tokenizer, mlm_probability: float):
     embeddings of BERT/GPT-2 must start at 0)."""
     import transformers
 
+    if fmt in (DataFormat.PREFERENCE, DataFormat.PROMPTS):
+        return None  # TRL's trainers bring their own collators
     if fmt == DataFormat.LABELLED:
         tokenizer.padding_side = "right"
         return transformers.DataCollatorWithPadding(tokenizer)
