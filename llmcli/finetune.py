@@ -49,17 +49,8 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
         if run_dir.finished is not None:
             return run_dir.finished
-        import transformers
-
-        from llmcli import tokenization
-
-        transformers.set_seed(cfg.training.seed)
-        tokenizer = tokenization.load_tokenizer(cfg, model_path, raw)
         label_names = data.label_names_from(raw, modeling.user_labels(model_config)) if task == Task.CLASSIFICATION else None
-        model = modeling.build_model(cfg, task, tokenizer, model_path, label_names)
-        datasets, about = data.datasets_for(task, fmt, raw, model, tokenizer, label_names)
-        console.info(about)
-        collator = tasks.collator(task, fmt, tokenizer, cfg.data.mlm_probability)
+        tokenizer, model, datasets, collator = training.prepare(cfg, task, fmt, raw, model_path, label_names)
         if cfg.peft is not None:
             model = _add_lora(model, cfg, task)
 

@@ -38,17 +38,8 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
         if run_dir.finished is not None:
             return run_dir.finished
-        import transformers
-
-        from llmcli import data, tokenization
-
-        transformers.set_seed(cfg.training.seed)
         raw = RawData(cfg.data, cfg.training.seed)
-        tokenizer = tokenization.load_tokenizer(cfg, model_path, raw, masked=task == tasks.Task.MASKED_LM)
-        model = modeling.build_model(cfg, task, tokenizer, model_path)
-        datasets, about = data.datasets_for(task, fmt, raw, model, tokenizer)
-        console.info(about)
-        collator = tasks.collator(task, fmt, tokenizer, cfg.data.mlm_probability)
+        tokenizer, model, datasets, collator = training.prepare(cfg, task, fmt, raw, model_path)
         summary = training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, callbacks=callbacks)
     console.summary_table("pretrain", cfg.training.output_dir, summary)
     return summary

@@ -56,6 +56,21 @@ def training_arguments(cfg: Config, has_eval: bool, args_cls: type | None = None
         raise ConfigError(f"training: {err}") from None
 
 
+def prepare(cfg: Config, task: tasks.Task, fmt: tasks.DataFormat, raw, model_path: str | None, label_names: list[str] | None = None):
+    """(tokenizer, model, tokenized datasets, collator) for a run, each built from the one before,
+    after seeding: the part every training command shares (they differ in init and data)."""
+    import transformers
+
+    from llmcli import data, modeling, tokenization
+
+    transformers.set_seed(cfg.training.seed)
+    tokenizer = tokenization.load_tokenizer(cfg, model_path, raw, masked=task == tasks.Task.MASKED_LM)
+    model = modeling.build_model(cfg, task, tokenizer, model_path, label_names)
+    datasets, about = data.datasets_for(task, fmt, raw, model, tokenizer, label_names)
+    console.info(about)
+    return tokenizer, model, datasets, tasks.collator(task, fmt, tokenizer, cfg.data.mlm_probability)
+
+
 def fit(
     run: RunDir,
     cfg: Config,
