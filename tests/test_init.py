@@ -50,12 +50,13 @@ def test_defaults_are_a_valid_config_with_every_key_described(cli, tmp_path, com
         model = next((a for a in getattr(model, "__args__", (model,)) if isinstance(a, type) and hasattr(a, "model_fields")), None)
         if model is None:
             continue
-        if raw[section] is None:  # peft: off by default, its keys commented out below it
-            assert section == "peft"
-            on = _uncomment_block(text, "# peft:", "#   ")
-            (tmp_path / "on.yaml").write_text(on)
-            assert config.load_config(tmp_path / "on.yaml").peft == config.PeftSection()
-            keys = set(yaml.safe_load(on)["peft"])
+        if raw[section] is None:  # peft / reward: off by default, their keys commented out below them
+            assert config.Config.model_fields[section].default is None, section
+            on = _uncomment_block(text, f"# {section}:", "#   ")
+            keys = set(yaml.safe_load(on)[section])
+            if section == "peft":  # uncommented, the defaults load (reward needs a model or function first)
+                (tmp_path / "on.yaml").write_text(on)
+                assert config.load_config(tmp_path / "on.yaml").peft == config.PeftSection()
         else:
             keys = set(raw[section])
         assert keys == set(model.model_fields), section  # every field, nothing else
