@@ -110,7 +110,7 @@ def fit(
     if cfg.training.early_stopping_patience:
         if not args.load_best_model_at_end:
             raise ConfigError("training.early_stopping_patience needs training.load_best_model_at_end=true (and matching eval/save strategies)")
-        every.append(EarlyStoppingCallback(cfg.training.early_stopping_patience, cfg.training.early_stopping_threshold))
+        every.insert(-1, EarlyStoppingCallback(cfg.training.early_stopping_patience, cfg.training.early_stopping_threshold))
     optional = {"data_collator": collator, "compute_metrics": compute_metrics, "preprocess_logits_for_metrics": preprocess_logits}
     trainer = trainer_class(trainer_cls)(
         model=model, args=args, train_dataset=datasets["train"], eval_dataset=eval_ds, processing_class=tokenizer,
