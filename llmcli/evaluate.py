@@ -370,11 +370,11 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
 
 def _eval_reward_model(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
     """A reward model (`task: reward`) on preference pairs: how often it scores chosen above rejected."""
-    from llmcli import feedback
+    from llmcli import preferences, rewards
 
     with main_process_first():
-        pairs = feedback.eval_pairs(cfg.data, cfg.eval.split)
-    result = feedback.preference_accuracy(feedback.RewardScorer(model, tokenizer, cfg.eval.batch_size), pairs)
+        pairs = preferences.eval_pairs(cfg.data, cfg.eval.split)
+    result = rewards.preference_accuracy(rewards.RewardScorer(model, tokenizer, cfg.eval.batch_size), pairs)
     protocol = {"score": "the model's one logit for prompt + response + EOS (chat template for conversations)",
                 "accuracy": "share of pairs with score(chosen) > score(rejected); ties count as wrong"}
     return result, protocol

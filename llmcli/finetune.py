@@ -72,13 +72,13 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
                   callbacks: tuple) -> dict[str, Any]:
     """task reward / dpo / rl: the rows are checked before anything is written; TRL's trainer runs
     through `training.fit` with what `feedback.setup` adds (reward function, before/after numbers)."""
-    from llmcli import feedback, training
+    from llmcli import feedback, preferences, training
 
     from llmcli import tokenization
 
-    rows, about = feedback.datasets(task, raw)
+    rows, about = preferences.datasets(task, raw)
     tokenizer = tokenization.load_tokenizer(cfg, model_path, raw)  # the model's own: nothing is trained or written
-    feedback.check_rows_for(rows, tokenizer)
+    preferences.check_rows_for(rows, tokenizer)
     if dry_run:
         return training.dry_run(cfg, "finetune", task, model_path)
     with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:

@@ -111,7 +111,7 @@ def test_reward_model_trains_and_eval_reports_preference_accuracy(cli, tmp_path,
     assert summary["preference_margin"] == pytest.approx(summary["eval_margin"], rel=1e-4, abs=1e-6)
     # a reward model is a reward for rl: its score through reward.model, without a label
     from llmcli.config import load_config
-    from llmcli.feedback import reward_function
+    from llmcli.rewards import reward_function
 
     reward = reward_function(load_config(None, [f"reward.model={out}"]))
     assert reward(prompts=["review:"], completions=[pairs[0]["chosen"]]) == pytest.approx(
