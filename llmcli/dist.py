@@ -28,6 +28,14 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) in a plain run."""
+    if not is_distributed():
+        return 0, 1
+    state = distributed_state()
+    return state.process_index, state.num_processes
+
+
 @contextlib.contextmanager
 def main_process_first():
     """accelerate's main_process_first across ranks (shared caches are built once); a no-op otherwise."""

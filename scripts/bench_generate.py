@@ -37,6 +37,7 @@ def main() -> None:
 
     from llmcli import generate
     from llmcli.config import load_config
+    from llmcli.prompts import read_prompts
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.bpe)
@@ -77,7 +78,7 @@ def main() -> None:
             """What `llmcli generate --input prompts.txt --temperature 0` does after loading the model:
             read and parse the file, batch (default batch size), generate, format and write."""
             sink = io.StringIO()
-            items = generate.read_prompts(None, str(src), "text")
+            items = read_prompts(None, str(src), "text")
             generate._run_batches(model, tok, items, cfg.generation, generate._generate_batch, sink, "jsonl", "causal-lm")
             return sum(json.loads(x)["completion_tokens"] for x in sink.getvalue().splitlines())
 

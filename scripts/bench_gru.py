@@ -80,6 +80,7 @@ def generation(args) -> None:
     import llmcli.models
     from llmcli import generate
     from llmcli.config import load_config
+    from llmcli.prompts import Prompt
 
     llmcli.models.register()
     if args.threads:
@@ -118,7 +119,7 @@ def generation(args) -> None:
     def llmcli_path():
         """What `llmcli generate --temperature 0` does after loading: batch (default size), generate, format."""
         sink = io.StringIO()
-        items = iter([generate.Prompt(p) for p in prompts])
+        items = iter([Prompt(p) for p in prompts])
         generate._run_batches(model, tok, items, cfg.generation, generate._generate_batch, sink, "jsonl", "causal-lm")
         return sum(json.loads(x)["completion_tokens"] for x in sink.getvalue().splitlines())
 

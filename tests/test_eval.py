@@ -132,7 +132,7 @@ SAMPLE = TEXT.read_text()[:6000]
 def test_window_placement_is_the_references():
     """The windows themselves: lm-eval's (from the package, and the copy) for stride = max_length,
     the guide's loop for stride < max_length; every token after the first scored exactly once."""
-    from llmcli.evaluate import windows
+    from llmcli.perplexity import windows
 
     for n in [*range(1, 40), 129, 130, 257, 1000]:
         ids = list(range(10_000, 10_000 + n))
