@@ -142,7 +142,7 @@ def _train_command(command: str, config, sets, output_dir, resume, overwrite, dr
 
         status = {0: "finished", EXIT_SIGINT: "interrupted", EXIT_SIGTERM: "interrupted", EXIT_FAILURE: "failed"}.get(code)
         if quiet and run.get("dir") and status and is_main_process():
-            from llmcli.report import final_line as line
+            from llmcli.runinfo import final_line as line
 
             print(line(command, run["dir"], status, run.get("summary")), file=sys.stderr, flush=True)
 
@@ -298,7 +298,7 @@ def sweep(
     """Search hyper-parameters with Optuna; every trial is an ordinary, resumable finetune/pretrain run."""
 
     def body():
-        from llmcli.config import load_sweep_config
+        from llmcli.sweep_config import load_sweep_config
 
         spec = load_sweep_config(config, list(set_ or []))
         from llmcli import sweep as sweep_module

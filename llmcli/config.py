@@ -23,11 +23,11 @@ from llmcli.errors import ConfigError
 from llmcli.tasks import Task
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     model_name_or_path: str | None = Field(None, description="Hub id, local model dir or llmcli run dir; absent = from scratch.")
     model_type: str = Field("gpt2", description="AutoConfig model type used when training from scratch (gpt2, bert, llama, ...).")
     config_overrides: dict[str, Any] = Field(default_factory=dict, description="Architecture fields for from-scratch models (n_layer, n_embd, ...).")
@@ -40,7 +40,7 @@ class ModelSection(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
 
 
-class DataSection(_Section):
+class DataSection(Section):
     dataset_name: str | None = Field(None, description="Hub dataset id (e.g. wikitext, glue).")
     dataset_config_name: str | None = Field(None, description="Hub dataset config (e.g. wikitext-103-raw-v1, sst2).")
     train_file: str | list[str] | None = Field(None, description="Path, glob or list: .txt, .jsonl/.json, .csv/.tsv, .parquet.")
@@ -91,7 +91,7 @@ class TrainingSection(BaseModel):
     LLMCLI_KEYS: ClassVar[frozenset] = frozenset({"early_stopping_patience", "early_stopping_threshold", "nan_check", "callbacks", "curves"})
 
 
-class PeftSection(_Section):
+class PeftSection(Section):
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
@@ -99,7 +99,7 @@ class PeftSection(_Section):
     merge: bool = Field(True, description="Also save a merged full model under merged/.")
 
 
-class GenerationSection(_Section):
+class GenerationSection(Section):
     max_new_tokens: int = Field(64, gt=0, description="Tokens to generate per prompt.")
     min_new_tokens: int = Field(0, ge=0, description="Generate at least this many tokens before EOS may end a completion (task rl: the policy cannot win by stopping early).")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 means greedy.")
@@ -113,7 +113,7 @@ class GenerationSection(_Section):
     batch_size: int = Field(64, ge=1, description="Prompts per batch.")
 
 
-class EvalSection(_Section):
+class EvalSection(Section):
     split: str = Field("test", description="Hub dataset split to evaluate.")
     max_length: int | None = Field(None, gt=1, description="Sliding-window length in tokens (default: the model's context).")
     stride: int | None = Field(None, gt=0, description="Tokens scored per window (default: max_length).")
@@ -124,7 +124,7 @@ class EvalSection(_Section):
     fail_over: dict[str, float] = Field(default_factory=dict, description="Exit 3 when a metric is above this value.")
 
 
-class RewardSection(_Section):
+class RewardSection(Section):
     """`task: rl`: what scores the policy's texts (prompt + completion). Exactly one of model / function."""
 
     model: str | None = Field(None, description="A classifier (with `label`) or reward-model run dir / model dir that scores the texts.")
@@ -134,7 +134,7 @@ class RewardSection(_Section):
     eval_samples: int = Field(1, ge=1, description="Completions per eval prompt for summary.json's reward_before / reward_after.")
 
 
-class LaunchSection(_Section):
+class LaunchSection(Section):
     num_processes: int = Field(1, ge=1, description="Processes to start through accelerate (one per GPU).")
     config_file: str | None = Field(None, description="An accelerate config file (configs/accelerate/*.yaml).")
 
@@ -159,7 +159,7 @@ def sections_read(command: str, task) -> tuple[str, ...]:
     return COMMAND_SECTIONS[command] + TASK_SECTIONS.get((command, str(task)), ())
 
 
-class Config(_Section):
+class Config(Section):
     task: Literal["auto"] | Task = Field("auto", description="auto = causal-lm for decoders, masked-lm for BERT-style encoders; classification for finetune with labels. reward / dpo / rl: learning from feedback (finetune).")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -193,7 +193,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     unless the command does not read that section."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_yaml(Path(path))
     file_sections = set(raw)
     set_sections = set()
     for item in overrides:
@@ -241,7 +241,7 @@ def _is_set(cfg: Config, name: str) -> bool:
     return getattr(cfg, name) != field.get_default(call_default_factory=True)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -289,7 +289,7 @@ def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _suggest(word: str, options) -> str:
+def suggest(word: str, options) -> str:
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
@@ -308,7 +308,7 @@ def _format_validation_error(err: ValidationError) -> str:
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     if first["type"] == "extra_forbidden":
         owner = _section_model(path[:-1])
-        hint = _suggest(path[-1], owner.model_fields) if owner else ""
+        hint = suggest(path[-1], owner.model_fields) if owner else ""
         where = f"in section '{'.'.join(path[:-1])}'" if len(path) > 1 else "at the top level"
         return f"unknown config key '{key}' {where}{hint}{more}"
     if first["type"] == "missing":
@@ -351,7 +351,7 @@ def check_training_keys(training: dict[str, Any], args_cls: type | None = None) 
         if key in TrainingSection.LLMCLI_KEYS:
             continue
         if key not in fields:
-            raise ConfigError(f"unknown config key 'training.{key}': not a {args_cls.__name__} field{_suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
+            raise ConfigError(f"unknown config key 'training.{key}': not a {args_cls.__name__} field{suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
         if value is None:
             continue
         if isinstance(value, bool) and _admits_str_not_bool(hints[key]):
@@ -381,128 +381,3 @@ def dump_resolved(cfg: Config, path: Path, provenance: dict[str, Any] | None = N
 
     header = "".join(f"# {k}: {v}\n" for k, v in (provenance or {}).items())
     atomic_write_text(path, header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-# --------------------------------------------------------------------------------------------
-# Sweeps (`llmcli sweep`): a search over keys of one base config
-
-
-class SearchParam(_Section):
-    """One dimension of a sweep's search space (Optuna's suggest_float / suggest_int / suggest_categorical)."""
-
-    type: Literal["float", "int", "categorical"] = Field(description="float, int or categorical.")
-    low: float | None = Field(None, description="float/int: smallest value.")
-    high: float | None = Field(None, description="float/int: largest value (inclusive).")
-    log: bool = Field(False, description="float/int: sample on a log scale (low > 0).")
-    step: float | None = Field(None, gt=0, description="float/int: grid step (int default 1; a float range needs it under the grid sampler).")
-    choices: list[Any] | None = Field(None, description="categorical: the values (null, bool, int, float or str).")
-
-
-class SweepConfig(_Section):
-    base: str = Field(description="The base config file of every trial (relative to the current directory).")
-    command: Literal["finetune", "pretrain"] = Field(description="The command every trial runs.")
-    metric: str = Field("eval_loss", description="The summary/evaluation metric to optimise (eval_accuracy, eval_loss, ...).")
-    direction: Literal["maximize", "minimize"] = Field("minimize", description="maximize or minimize the metric.")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value: changes to the base config of every trial (before --set).")
-    search: dict[str, SearchParam] = Field(description="Dotted config key -> its search space.")
-    n_trials: int | None = Field(None, ge=1, description="Trials in the whole study, all workers together (grid: default the grid's size).")
-    timeout: float | None = Field(None, gt=0, description="Seconds after which this worker starts no new trial (a running one finishes).")
-    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler.")
-    pruner: Literal["median", "none"] = Field("median", description="median: stop a trial whose evaluation is worse than the median of earlier trials at the same evaluation.")
-    pruner_startup_trials: int = Field(2, ge=0, description="median pruner: finished trials needed before any trial is pruned.")
-    pruner_warmup_evals: int = Field(0, ge=0, description="median pruner: evaluations a trial always gets before it can be pruned.")
-    seed: int | None = Field(None, description="Sampler seed (trial N samples with seed + N): the same seed gives the same trials.")
-    output_dir: str | None = Field(None, description="The sweep dir (trial-NNNN/ run dirs, study.db, leaderboard, best.yaml, plots).")
-    storage: str | None = Field(None, description="Optuna RDB URL (default sqlite:///<output_dir>/study.db); share it to run several workers.")
-    study_name: str | None = Field(None, description="Study name in the storage (default: the sweep dir's name).")
-
-    def base_overrides(self, sets: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """The overrides of every trial's base config: the file's `overrides:`, then `--set`."""
-        return [param_override(k, v) for k, v in self.overrides.items()] + list(sets)
-
-
-def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
-    """Read and validate a sweep file. `overrides` are the `--set` overrides of every trial's base
-    config (applied after the file's own `overrides:`). The base config is
-    loaded with them, and with each search key set to each end point or choice, so an unknown key or
-    a value of the wrong type fails here, before any trial runs. Raises ConfigError (exit 2)."""
-    if path is None:
-        raise ConfigError("llmcli sweep needs --config SWEEP.yaml")
-    raw = _read_yaml(Path(path))
-    try:
-        sweep = SweepConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"{path}: {_format_sweep_error(err)}") from None
-    if not sweep.search:
-        raise ConfigError(f"{path}: 'search' is empty: name at least one config key to search")
-    for key, space in sweep.search.items():
-        problem = _space_problem(space, sweep.sampler)
-        if problem:
-            raise ConfigError(f"{path}: search '{key}': {problem}")
-    if sweep.n_trials is None and sweep.timeout is None and sweep.sampler != "grid":
-        raise ConfigError(f"{path}: set n_trials (or timeout) for the {sweep.sampler} sampler")
-    overrides = sweep.base_overrides(overrides)
-    try:
-        load_config(sweep.base, overrides)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: base config: {err}") from None
-    for key, space in sweep.search.items():
-        samples = space.choices if space.type == "categorical" else [space.low, space.high]
-        for value in samples:
-            value = int(value) if space.type == "int" else value
-            try:
-                load_config(sweep.base, [*overrides, param_override(key, value)])
-            except ConfigError as err:
-                raise ConfigError(f"{path}: search '{key}' = {value!r}: {err}") from None
-    return sweep
-
-
-def param_override(key: str, value: Any) -> str:
-    """`key=value` with the value as a YAML scalar that `--set` reads back unchanged (1e-05 -> 1.0e-05)."""
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-
-
-def _space_problem(space: SearchParam, sampler: str) -> str | None:
-    if space.type == "categorical":
-        if not space.choices:
-            return "type categorical needs a non-empty 'choices' list"
-        bad = [c for c in space.choices if c is not None and not isinstance(c, (bool, int, float, str))]
-        if bad:
-            return f"choices must be null, bool, int, float or str, got {bad[0]!r}"
-        extra = [k for k in ("low", "high", "step") if getattr(space, k) is not None] + (["log"] if space.log else [])
-        return f"'{extra[0]}' does not apply to type categorical" if extra else None
-    if space.choices is not None:
-        return f"'choices' applies to type categorical, not {space.type}"
-    if space.low is None or space.high is None:
-        return f"type {space.type} needs 'low' and 'high'"
-    if space.low > space.high:
-        return f"low {space.low:g} > high {space.high:g}"
-    if space.type == "int":
-        for name in ("low", "high", "step"):
-            value = getattr(space, name)
-            if value is not None and value != int(value):
-                return f"type int needs an integer '{name}', got {value:g}"
-    if space.log and space.low <= 0:
-        return f"log: true needs low > 0, got {space.low:g}"
-    if space.log and space.step is not None and not (space.type == "int" and space.step == 1):
-        return "'log' and 'step' cannot be combined"
-    if sampler == "grid" and space.type == "float" and space.step is None:
-        return "the grid sampler needs a 'step' for a float range (or use type categorical)"
-    return None
-
-
-def _format_sweep_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    if first["type"] == "extra_forbidden":
-        if len(loc) >= 3 and loc[0] == "search":  # search.<key>.<field>
-            return f"unknown key '{loc[-1]}' in search '{loc[1]}'{_suggest(loc[-1], SearchParam.model_fields)}{more}"
-        return f"unknown sweep key '{'.'.join(loc)}'{_suggest(loc[-1], SweepConfig.model_fields)}{more}"
-    where = f"search '{loc[1]}' key '{'.'.join(loc[2:])}'" if len(loc) >= 3 and loc[0] == "search" else f"sweep key '{'.'.join(loc)}'"
-    if first["type"] == "missing":
-        return f"{where} is required{more}"
-    return f"{where}: {first['msg']}, got {first.get('input')!r}{more}"
-
-
-COMMAND_SECTIONS["sweep"] = tuple(SweepConfig.model_fields)  # a sweep file's keys (`llmcli init sweep` lists them)

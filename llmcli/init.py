@@ -4,9 +4,9 @@
     llmcli init finetune --from configs/sst2.yaml --output sst2.yaml # that config's values, every other key at its default
 
 The keys, defaults and descriptions come from the schema (`llmcli/config.py`, the sections in
-`COMMAND_SECTIONS`); `training:` lists llmcli's keys and, commented out with the defaults of the
-installed `transformers.TrainingArguments`, the arguments most runs touch. The output is a valid
-`--config` for the command.
+`COMMAND_SECTIONS`; `llmcli/sweep_config.py` for a sweep file); `training:` lists llmcli's keys
+and, commented out with the defaults of the installed `transformers.TrainingArguments`, the
+arguments most runs touch. The output is a valid `--config` for the command.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from llmcli import __version__, config
+from llmcli import __version__, config, sweep_config
 from llmcli.errors import ConfigError
 
 SECTION_HELP = {
@@ -56,7 +56,7 @@ def run(command: str, from_path: str | None = None, output: str | None = None) -
     if not from_path:
         cfg = config.Config()
     elif command == "sweep":
-        cfg = config.load_sweep_config(from_path, [])
+        cfg = sweep_config.load_sweep_config(from_path, [])
     else:
         cfg = config.load_config(from_path, command=command)
     text = render(command, cfg, sections, from_path, output)
@@ -76,10 +76,10 @@ def run(command: str, from_path: str | None = None, output: str | None = None) -
 
 
 def _sections(command: str) -> tuple[str, ...]:
-    if command == "sweep" and not (hasattr(config, "SweepConfig") and "sweep" in config.COMMAND_SECTIONS):
-        raise ConfigError("llmcli init sweep: this llmcli has no sweep command yet (llmcli.config has no SweepConfig)")
+    if command == "sweep":
+        return tuple(sweep_config.SweepConfig.model_fields)  # a sweep file's keys
     if command not in config.COMMAND_SECTIONS:
-        raise ConfigError(f"llmcli init {command}: unknown command; one of {', '.join(config.COMMAND_SECTIONS)}")
+        raise ConfigError(f"llmcli init {command}: unknown command; one of {', '.join(COMMANDS)}")
     return config.COMMAND_SECTIONS[command]
 
 
@@ -124,8 +124,8 @@ def _defaults_of(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _find_field(section: str):
-    for owner in (config.Config, getattr(config, "SweepConfig", None)):
-        if owner is not None and section in owner.model_fields:
+    for owner in (config.Config, sweep_config.SweepConfig):
+        if section in owner.model_fields:
             return owner.model_fields[section], owner
     return None, None
 

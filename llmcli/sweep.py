@@ -23,9 +23,7 @@ Rules that make it reboot-safe and multi-worker:
 
 from __future__ import annotations
 
-import csv
 import importlib
-import io
 import json
 import math
 import os
@@ -41,9 +39,11 @@ from optuna.trial import TrialState
 from transformers import TrainerCallback
 
 from llmcli import console, files, runs
-from llmcli.config import SweepConfig, load_config, param_override
-from llmcli.config import _suggest as _did_you_mean
+from llmcli.config import load_config
+from llmcli.config import suggest as _did_you_mean
 from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
+from llmcli.sweep_config import SweepConfig, param_override
+from llmcli.sweep_results import fmt, report, write_tables
 
 HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
 STALE_AFTER_S = 300  # a trial of another host with no heartbeat for this long is taken over
@@ -84,7 +84,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
                 study.tell(trial, state=TrialState.FAIL)
                 break
         _run_trial(study, trial, sweep, list(overrides), sweep_dir, command, budget)
-    return _report(study, sweep, sweep_dir, as_json)
+    return report(study, sweep, sweep_dir, as_json)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
     _claim(trial, trial_dir)
     adopted = "worker_host" in previous
     of = f"/{budget}" if budget else ""
-    shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in params.items())
+    shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in params.items())
     console.info(f"trial {trial.number}{of}: {shown} -> {trial_dir}" + (" (resuming)" if adopted else ""))
     pruning = _PruningCallback(trial, sweep.metric)
     try:
@@ -276,11 +276,11 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
     files.write_json_atomic(trial_dir / "summary.json", summary)
     if pruned:
         study.tell(trial, state=TrialState.PRUNED)
-        console.info(f"trial {trial.number} pruned at evaluation {trial.user_attrs['pruned_at_eval']} ({sweep.metric} {_fmt(value)})")
+        console.info(f"trial {trial.number} pruned at evaluation {trial.user_attrs['pruned_at_eval']} ({sweep.metric} {fmt(value)})")
     else:
         study.tell(trial, value)
-        console.info(f"trial {trial.number} finished: {sweep.metric} {_fmt(value)}")
-    _write_tables(study, sweep, sweep_dir)
+        console.info(f"trial {trial.number} finished: {sweep.metric} {fmt(value)}")
+    write_tables(study, sweep, sweep_dir)
 
 
 def _suggest_param(trial, key: str, s):
@@ -386,166 +386,3 @@ class _Sampler(BaseSampler):
 
     def reseed_rng(self):
         self._inner.reseed_rng()
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
-
-
-def _report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[str, Any]:
-    rows = _write_tables(study, sweep, sweep_dir)
-    best = _write_best(study, sweep, sweep_dir)
-    _plots(study, sweep, sweep_dir)
-    if as_json:
-        print(json.dumps(best or {}, default=files.json_default))
-    else:
-        _print_leaderboard(rows, sweep)
-        if best:
-            console.info(f"best: trial {best['trial']} {sweep.metric} {_fmt(best['value'])}; config {best['config']}")
-    return best or {}
-
-
-def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
-    order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 2, TrialState.FAIL: 3}
-    sign = -1 if sweep.direction == "maximize" else 1
-    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
-    trials.sort(key=lambda t: (order.get(t.state, 4), sign * t.value if t.value is not None else math.inf, t.number))
-    rows = []
-    for rank, t in enumerate(trials, 1):
-        run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
-        summary = {}
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            pass
-        note = t.user_attrs.get("error", "")
-        if t.state == TrialState.PRUNED:
-            note = f"pruned at evaluation {t.user_attrs.get('pruned_at_eval', '?')}"
-        elif t.state == TrialState.RUNNING:
-            note = f"running in pid {t.user_attrs.get('worker_pid', '?')} on {t.user_attrs.get('worker_host', '?')}"
-        elif summary.get("resumed_from") is not None:
-            note = f"resumed from step {summary['resumed_from']}"
-        rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
-                     "global_step": summary.get("global_step"), "train_runtime_s": summary.get("train_runtime_s"),
-                     "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note})
-    return rows
-
-
-def _write_tables(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = _leaderboard(study, sweep, sweep_dir)
-    files.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=files.json_default) + "\n" for r in rows))
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["rank", "trial", "state", sweep.metric, *sweep.search, "global_step", "train_runtime_s", "run_dir", "note"])
-    for r in rows:
-        writer.writerow([r["rank"], r["trial"], r["state"], r[sweep.metric], *(r["params"].get(k) for k in sweep.search),
-                         r["global_step"], r["train_runtime_s"], r["run_dir"], r["note"]])
-    files.atomic_write_text(sweep_dir / "leaderboard.csv", buf.getvalue())
-    return rows
-
-
-def _write_best(study, sweep: SweepConfig, sweep_dir: Path) -> dict[str, Any] | None:
-    """best.yaml: the winning trial's resolved config, with output_dir moved to <sweep>/best so that
-    `llmcli <command> --config best.yaml` trains it afresh rather than resuming the trial's own dir."""
-    from llmcli.config import dump_resolved
-
-    try:
-        best = study.best_trial
-    except ValueError:  # no COMPLETE trial yet
-        console.warn("no trial has completed: no best.yaml")
-        return None
-    run_dir = sweep_dir / f"trial-{best.number:04d}"
-    path = sweep_dir / "best.yaml"
-    try:
-        cfg = load_config(run_dir / "config.yaml", [param_override("training.output_dir", str(sweep_dir / "best"))])
-    except ConfigError as err:  # e.g. the trial ran on another machine whose sweep dir is not shared
-        console.warn(f"best.yaml not written: {err}")
-    else:
-        dump_resolved(cfg, path, {"best trial": f"{best.number} of {sweep_dir} ({sweep.metric} {best.value})",
-                                  "trial run dir": str(run_dir), "run": f"llmcli {sweep.command} --config {path}"})
-    return {"trial": best.number, "metric": sweep.metric, "value": best.value, "direction": sweep.direction,
-            "params": dict(best.params), "run_dir": str(run_dir), "config": str(path), "study": study.study_name}
-
-
-def _plots(study, sweep: SweepConfig, sweep_dir: Path) -> None:
-    """PNG plots with optuna.visualization.matplotlib; a plot Optuna cannot draw is skipped with a warning."""
-    import warnings
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as vis
-    except ImportError:
-        console.warn("plots skipped: they need matplotlib (pip install 'llmcli[plot]')")
-        return
-
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not complete:
-        return
-    # a parameter with one value among the completed trials gives an empty contour and no importance
-    varying = [k for k in sweep.search if len({repr(t.params.get(k)) for t in complete}) >= 2]
-    jobs = {"optimization_history.png": lambda: vis.plot_optimization_history(study, target_name=sweep.metric)}
-    top = varying[:2]
-    if len(varying) >= 2 and len(complete) >= 3:
-        try:
-            top = [k for k in optuna.importance.get_param_importances(study, params=varying)][:2]
-            jobs["param_importances.png"] = lambda: vis.plot_param_importances(study, params=varying, target_name=sweep.metric)
-        except Exception as err:
-            console.warn(f"param_importances.png skipped: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-    elif len(sweep.search) >= 2:
-        console.warn("param_importances.png skipped: it needs 3 completed trials and 2 parameters that vary among them")
-    if len(top) == 2:
-        jobs["contour.png"] = lambda: vis.plot_contour(study, params=top, target_name=sweep.metric)
-    elif len(sweep.search) >= 2:
-        console.warn("contour.png skipped: it needs 2 parameters that vary among the completed trials")
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its own warnings repeat what is said here
-    for name, draw in jobs.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = draw()
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(8, 6)
-            tmp = sweep_dir / f".{name}.{os.getpid()}.tmp"
-            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-            os.replace(tmp, sweep_dir / name)
-            plt.close(fig)
-        except Exception as err:
-            console.warn(f"{name} skipped: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
-    optuna.logging.set_verbosity(previous)
-
-
-def _print_leaderboard(rows: list[dict[str, Any]], sweep: SweepConfig) -> None:
-    if console.quiet():
-        return
-    import sys
-
-    header = ["rank", "trial", "state", sweep.metric, *(k.rsplit(".", 1)[-1] for k in sweep.search), "steps", "note"]
-    body = [[str(r["rank"]), str(r["trial"]), r["state"].lower(), _fmt(r[sweep.metric]),
-             *(_fmt(r["params"].get(k)) for k in sweep.search), _fmt(r["global_step"]), r["note"][:60]] for r in rows]
-    title = f"sweep leaderboard ({sweep.direction} {sweep.metric})"
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title)
-        for h in header:
-            table.add_column(h, justify="left" if h in ("state", "note") else "right")
-        for line in body:
-            table.add_row(*line)
-        Console().print(table)
-        return
-    widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(header)]
-    print(title)
-    for line in [header, *body]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
-    sys.stdout.flush()
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    return console.format_value(value)

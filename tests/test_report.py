@@ -328,7 +328,7 @@ def test_report_watch_until_done_and_ctrl_c(runs, tmp_path):
 
 
 def test_final_line_for_cron(runs):
-    from llmcli.report import final_line
+    from llmcli.runinfo import final_line
 
     summary = _summary(runs["finished"])
     assert final_line("pretrain", runs["finished"], "finished", summary) == (

@@ -19,7 +19,8 @@ import yaml
 
 from conftest import FIXTURES, ROOT, TINY_GPT2, read_jsonl
 from hooks import CALLBACK
-from llmcli.config import _set_dotted, load_sweep_config, parse_override
+from llmcli.config import _set_dotted, parse_override
+from llmcli.sweep_config import load_sweep_config
 
 MAX_STEPS = 6
 

@@ -1,0 +1,132 @@
+"""The sweep file's schema (`llmcli sweep --config`): a search space over keys of one base config,
+checked against that config before any trial runs. Each trial's own config is a `config.Config`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from llmcli.config import Section, load_config, read_yaml, suggest
+from llmcli.errors import ConfigError
+
+
+class SearchParam(Section):
+    """One dimension of a sweep's search space (Optuna's suggest_float / suggest_int / suggest_categorical)."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float, int or categorical.")
+    low: float | None = Field(None, description="float/int: smallest value.")
+    high: float | None = Field(None, description="float/int: largest value (inclusive).")
+    log: bool = Field(False, description="float/int: sample on a log scale (low > 0).")
+    step: float | None = Field(None, gt=0, description="float/int: grid step (int default 1; a float range needs it under the grid sampler).")
+    choices: list[Any] | None = Field(None, description="categorical: the values (null, bool, int, float or str).")
+
+
+class SweepConfig(Section):
+    base: str = Field(description="The base config file of every trial (relative to the current directory).")
+    command: Literal["finetune", "pretrain"] = Field(description="The command every trial runs.")
+    metric: str = Field("eval_loss", description="The summary/evaluation metric to optimise (eval_accuracy, eval_loss, ...).")
+    direction: Literal["maximize", "minimize"] = Field("minimize", description="maximize or minimize the metric.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value: changes to the base config of every trial (before --set).")
+    search: dict[str, SearchParam] = Field(description="Dotted config key -> its search space.")
+    n_trials: int | None = Field(None, ge=1, description="Trials in the whole study, all workers together (grid: default the grid's size).")
+    timeout: float | None = Field(None, gt=0, description="Seconds after which this worker starts no new trial (a running one finishes).")
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler.")
+    pruner: Literal["median", "none"] = Field("median", description="median: stop a trial whose evaluation is worse than the median of earlier trials at the same evaluation.")
+    pruner_startup_trials: int = Field(2, ge=0, description="median pruner: finished trials needed before any trial is pruned.")
+    pruner_warmup_evals: int = Field(0, ge=0, description="median pruner: evaluations a trial always gets before it can be pruned.")
+    seed: int | None = Field(None, description="Sampler seed (trial N samples with seed + N): the same seed gives the same trials.")
+    output_dir: str | None = Field(None, description="The sweep dir (trial-NNNN/ run dirs, study.db, leaderboard, best.yaml, plots).")
+    storage: str | None = Field(None, description="Optuna RDB URL (default sqlite:///<output_dir>/study.db); share it to run several workers.")
+    study_name: str | None = Field(None, description="Study name in the storage (default: the sweep dir's name).")
+
+    def base_overrides(self, sets: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """The overrides of every trial's base config: the file's `overrides:`, then `--set`."""
+        return [param_override(k, v) for k, v in self.overrides.items()] + list(sets)
+
+
+def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
+    """Read and validate a sweep file. `overrides` are the `--set` overrides of every trial's base
+    config (applied after the file's own `overrides:`). The base config is
+    loaded with them, and with each search key set to each end point or choice, so an unknown key or
+    a value of the wrong type fails here, before any trial runs. Raises ConfigError (exit 2)."""
+    if path is None:
+        raise ConfigError("llmcli sweep needs --config SWEEP.yaml")
+    raw = read_yaml(Path(path))
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {_format_sweep_error(err)}") from None
+    if not sweep.search:
+        raise ConfigError(f"{path}: 'search' is empty: name at least one config key to search")
+    for key, space in sweep.search.items():
+        problem = _space_problem(space, sweep.sampler)
+        if problem:
+            raise ConfigError(f"{path}: search '{key}': {problem}")
+    if sweep.n_trials is None and sweep.timeout is None and sweep.sampler != "grid":
+        raise ConfigError(f"{path}: set n_trials (or timeout) for the {sweep.sampler} sampler")
+    overrides = sweep.base_overrides(overrides)
+    try:
+        load_config(sweep.base, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: base config: {err}") from None
+    for key, space in sweep.search.items():
+        samples = space.choices if space.type == "categorical" else [space.low, space.high]
+        for value in samples:
+            value = int(value) if space.type == "int" else value
+            try:
+                load_config(sweep.base, [*overrides, param_override(key, value)])
+            except ConfigError as err:
+                raise ConfigError(f"{path}: search '{key}' = {value!r}: {err}") from None
+    return sweep
+
+
+def param_override(key: str, value: Any) -> str:
+    """`key=value` with the value as a YAML scalar that `--set` reads back unchanged (1e-05 -> 1.0e-05)."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def _space_problem(space: SearchParam, sampler: str) -> str | None:
+    if space.type == "categorical":
+        if not space.choices:
+            return "type categorical needs a non-empty 'choices' list"
+        bad = [c for c in space.choices if c is not None and not isinstance(c, (bool, int, float, str))]
+        if bad:
+            return f"choices must be null, bool, int, float or str, got {bad[0]!r}"
+        extra = [k for k in ("low", "high", "step") if getattr(space, k) is not None] + (["log"] if space.log else [])
+        return f"'{extra[0]}' does not apply to type categorical" if extra else None
+    if space.choices is not None:
+        return f"'choices' applies to type categorical, not {space.type}"
+    if space.low is None or space.high is None:
+        return f"type {space.type} needs 'low' and 'high'"
+    if space.low > space.high:
+        return f"low {space.low:g} > high {space.high:g}"
+    if space.type == "int":
+        for name in ("low", "high", "step"):
+            value = getattr(space, name)
+            if value is not None and value != int(value):
+                return f"type int needs an integer '{name}', got {value:g}"
+    if space.log and space.low <= 0:
+        return f"log: true needs low > 0, got {space.low:g}"
+    if space.log and space.step is not None and not (space.type == "int" and space.step == 1):
+        return "'log' and 'step' cannot be combined"
+    if sampler == "grid" and space.type == "float" and space.step is None:
+        return "the grid sampler needs a 'step' for a float range (or use type categorical)"
+    return None
+
+
+def _format_sweep_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        if len(loc) >= 3 and loc[0] == "search":  # search.<key>.<field>
+            return f"unknown key '{loc[-1]}' in search '{loc[1]}'{suggest(loc[-1], SearchParam.model_fields)}{more}"
+        return f"unknown sweep key '{'.'.join(loc)}'{suggest(loc[-1], SweepConfig.model_fields)}{more}"
+    where = f"search '{loc[1]}' key '{'.'.join(loc[2:])}'" if len(loc) >= 3 and loc[0] == "search" else f"sweep key '{'.'.join(loc)}'"
+    if first["type"] == "missing":
+        return f"{where} is required{more}"
+    return f"{where}: {first['msg']}, got {first.get('input')!r}{more}"
