@@ -163,7 +163,7 @@ def _prompt_limit(model, g: GenerationSection, kind: str) -> int:
     return context - g.max_new_tokens
 
 
-def _pad(tokenizer, batch: list[list[int]], device, left: bool):
+def pad_batch(tokenizer, batch: list[list[int]], device, left: bool):
     """Pad to the longest: left for generation (new tokens follow the prompt), right for a
     classifier's single forward pass (absolute position embeddings must start at 0)."""
     import torch
@@ -180,18 +180,18 @@ def _pad(tokenizer, batch: list[list[int]], device, left: bool):
 def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
     import torch
 
-    input_ids, mask = _pad(tokenizer, batch, model.device, left=True)
-    kwargs = _generate_kwargs(tokenizer, g, num_return_sequences=g.num_return_sequences)
+    input_ids, mask = pad_batch(tokenizer, batch, model.device, left=True)
+    kwargs = generate_kwargs(tokenizer, g, num_return_sequences=g.num_return_sequences)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
     new_tokens = output[:, input_ids.shape[1] :].tolist()
-    eos = {t for t in _as_list(getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id)}
+    eos = eos_ids(model, tokenizer)
     results = []
     n = g.num_return_sequences
     for i, prompt_ids in enumerate(batch):
         completions, counts, reasons = [], [], []
         for seq in new_tokens[i * n : (i + 1) * n]:
-            text, count, reason = _finish(tokenizer, seq, eos, g)
+            text, count, reason = finish(tokenizer, seq, eos, g)
             completions.append(text)
             counts.append(count)
             reasons.append(reason)
@@ -199,7 +199,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSecti
     return results
 
 
-def _generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]:
+def generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **extra)
     if _sampling(g):
         kwargs.update(do_sample=True, temperature=g.temperature or 1.0, top_k=g.top_k or 0, top_p=g.top_p or 1.0)
@@ -212,13 +212,15 @@ def _generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]
     return kwargs
 
 
-def _as_list(value) -> list:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a completion: the generation config's (one or several), else the tokenizer's."""
+    value = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+        return set()
+    return set(value) if isinstance(value, (list, tuple, set)) else {value}
 
 
-def _finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> tuple[str, int, str]:
+def finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> tuple[str, int, str]:
     """Cut at EOS or the first stop string; (text, tokens generated, finish_reason)."""
     reason = "length"
     for pos, tok in enumerate(seq):
@@ -236,7 +238,7 @@ def _finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> t
 def _classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
     import torch
 
-    input_ids, mask = _pad(tokenizer, batch, model.device, left=False)
+    input_ids, mask = pad_batch(tokenizer, batch, model.device, left=False)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
     probs = torch.softmax(logits, dim=-1).tolist()
@@ -309,8 +311,8 @@ def _stream_one(model, tokenizer, ids: list[int], g: GenerationSection) -> None:
     limit = _prompt_limit(model, g, "causal-lm")
     if len(ids) > limit:
         console.warn(f"1 prompt(s) longer than {limit} tokens were cut from the left")
-    input_ids, mask = _pad(tokenizer, [ids[-limit:]], model.device, left=True)
-    kwargs = _generate_kwargs(tokenizer, g, streamer=StopAwareStreamer())
+    input_ids, mask = pad_batch(tokenizer, [ids[-limit:]], model.device, left=True)
+    kwargs = generate_kwargs(tokenizer, g, streamer=StopAwareStreamer())
     with torch.inference_mode():
         model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
     sys.stdout.write("\n")

@@ -8,10 +8,19 @@ confusion matrix, macro averages over classes, accuracy over examples. A class w
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def safe_exp(x: float) -> float:
+    """exp, with inf for a loss too large (perplexity of a diverged or untrained model)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
 
 
 def confusion_matrix(y_true, y_pred, num_labels: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any
 from llmcli import console, data, modeling
 from llmcli.config import Config
 from llmcli.errors import ConfigError
+from llmcli.metrics import safe_exp
 from llmcli.dist import distributed_state, is_distributed, main_process_first, rank_and_world
 
 LM_METRICS = ("nll", "perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity", "tokens_scored", "bytes", "words")
@@ -97,10 +98,10 @@ def eval_causal_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict[
     mean = total_nll / scored
     result = {
         "nll": mean,
-        "perplexity": _exp(mean),
+        "perplexity": safe_exp(mean),
         "bits_per_byte": total_nll / (n_bytes * math.log(2)),
-        "byte_perplexity": _exp(total_nll / n_bytes),
-        "word_perplexity": _exp(total_nll / n_words),
+        "byte_perplexity": safe_exp(total_nll / n_bytes),
+        "word_perplexity": safe_exp(total_nll / n_words),
         "tokens_scored": scored,
         "bytes": n_bytes,
         "words": n_words,
@@ -151,13 +152,6 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return float("inf")
-
-
 # --------------------------------------------------------------------------------------------
 # Masked LMs
 
@@ -202,7 +196,7 @@ def eval_masked_lm(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], dict[
     if total_masked == 0:
         raise ConfigError("the evaluation text is too short: no token was masked")
     loss = total_loss / total_masked
-    result = {"mlm_loss": loss, "mlm_accuracy": total_correct / total_masked, "perplexity": _exp(loss), "masked_tokens": total_masked}
+    result = {"mlm_loss": loss, "mlm_accuracy": total_correct / total_masked, "perplexity": safe_exp(loss), "masked_tokens": total_masked}
     protocol = {"max_length": max_length, "mlm_probability": cfg.data.mlm_probability, "blocks": len(blocks),
                 "definition": "BERT masking (80% [MASK], 10% random, 10% kept) of non-special tokens; block i drawn with seed i"}
     return result, protocol

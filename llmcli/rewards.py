@@ -187,12 +187,12 @@ def policy_eval(model, tokenizer, prompts: list, reward: Reward, g: GenerationSe
     perplexity of the completions. The policy itself is the reference when `ref_model` is None."""
     import torch
 
-    from llmcli.generate import _finish, _generate_kwargs, _pad
+    from llmcli.generate import eos_ids, finish, generate_kwargs, pad_batch
 
     was_training = model.training
     model.eval()
     texts, rows, kl_sum, nll_sum, n_tokens = [], [], 0.0, 0.0, 0
-    eos = {t for t in _as_list(getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id)}
+    eos = eos_ids(model, tokenizer)
     cut = g.model_copy(update={"stop": []})
     try:
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
@@ -201,14 +201,14 @@ def policy_eval(model, tokenizer, prompts: list, reward: Reward, g: GenerationSe
             for b in range(0, len(prompts), batch):
                 chunk = prompts[b : b + batch]
                 ids = [_prompt_ids(tokenizer, p) for p in chunk]
-                input_ids, mask = _pad(tokenizer, ids, model.device, left=True)
-                kwargs = _generate_kwargs(tokenizer, g, num_return_sequences=samples)
+                input_ids, mask = pad_batch(tokenizer, ids, model.device, left=True)
+                kwargs = generate_kwargs(tokenizer, g, num_return_sequences=samples)
                 kwargs["min_new_tokens"] = g.min_new_tokens
                 out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
                 new = out[:, input_ids.shape[1] :]
                 for j, seq in enumerate(new.tolist()):
                     prompt = chunk[j // samples]
-                    text, count, _ = _finish(tokenizer, seq, eos, cut)
+                    text, count, _ = finish(tokenizer, seq, eos, cut)
                     rows.append({"prompt": prompt, "completion": text, "completion_tokens": count})
                     texts.append(join_text(prompt, text))
                 stats = _token_stats(model, ref_model, out, input_ids.shape[1], mask.repeat_interleave(samples, 0),
@@ -269,8 +269,3 @@ def _token_stats(model, ref_model, out, prompt_len: int, prompt_mask, eos: set[i
         kl = ((torch.exp(diff) - diff - 1) * comp_mask).sum().item()
     return kl, nll, int(comp_mask.sum().item())
 
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple, set)) else [value]

@@ -24,7 +24,6 @@ Rules that make it reboot-safe and multi-worker:
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import socket
@@ -206,11 +205,8 @@ def _worker_alive(trial, now: float) -> bool:
 
 
 def _finished_summary(run_dir: Path) -> dict | None:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return None if summary.get("status") == "failed" else summary
+    summary = runs.read_summary(run_dir)
+    return None if summary is None or summary.get("status") == "failed" else summary
 
 
 def _boot_id() -> str:

@@ -7,7 +7,6 @@ signal checkpoint) are plain TrainerCallbacks. `fit` in training.py puts them to
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ from llmcli import console
 from llmcli.dist import is_distributed
 from llmcli.errors import TrainingFailed
 from llmcli.files import append_jsonl
+from llmcli.metrics import safe_exp
 from llmcli.runs import STAGING_DIR, latest_checkpoint
 
 
@@ -31,13 +31,6 @@ def trainer_class(base: type) -> type:
     if issubclass(base, LlmcliTrainerMixin):
         return base
     return type(f"Llmcli{base.__name__}", (LlmcliTrainerMixin, base), {})
-
-
-def safe_exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return float("inf")
 
 
 class LlmcliTrainerMixin:

@@ -19,8 +19,9 @@ from llmcli.config import Config
 from llmcli.dist import is_distributed
 from llmcli.errors import ConfigError, Interrupted
 from llmcli.files import write_json_atomic
+from llmcli.metrics import safe_exp
 from llmcli.runs import RunDir, resume_step
-from llmcli.trainer import ConsoleProgress, GracefulStop, MetricsLog, safe_exp, trainer_class
+from llmcli.trainer import ConsoleProgress, GracefulStop, MetricsLog, trainer_class
 
 
 def training_arguments(cfg: Config, has_eval: bool, args_cls: type | None = None, **forced):
