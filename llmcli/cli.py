@@ -205,9 +205,8 @@ def generate(
             "generation.num_return_sequences": num_return_sequences, "generation.do_sample": do_sample,
             "generation.seed": seed, "generation.batch_size": batch_size,
         }
-        cfg = load_config(config, _overrides(set_, None, **flags), command="generate")
-        if stop:
-            cfg.generation.stop = list(stop)
+        cfg = load_config(config, _overrides(set_, None, **flags), command="generate",
+                          values={"generation.stop": list(stop)} if stop else None)
         gen.run(cfg, prompts=prompt, input_path=input_, input_format=input_format.value, output_format=format_.value,
                 output_path=output, checkpoint=checkpoint, device=device, dtype=dtype)
 

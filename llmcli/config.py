@@ -112,6 +112,13 @@ class GenerationSection(Section):
     seed: int | None = Field(None, description="Seed for reproducible sampling.")
     batch_size: int = Field(64, ge=1, description="Prompts per batch.")
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("generation.stop: an empty stop string would cut every completion before its first token")
+        return value
+
 
 class EvalSection(Section):
     split: str = Field("test", description="Hub dataset split to evaluate.")
@@ -185,8 +192,10 @@ class Config(Section):
 # Loading
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None) -> Config:
-    """Read YAML (optional), apply `--set` overrides, validate. Raises ConfigError (exit 2).
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Read YAML (optional), apply `--set` overrides, then `values` (dotted key -> value, taken as is,
+    not parsed as YAML: e.g. `--stop` strings), validate. Raises ConfigError (exit 2).
 
     With `command`, sections that command does not read are checked (`check_sections`). `training:`
     keys are checked against the task's arguments class (and YAML strings such as `5e-4` converted)
@@ -200,6 +209,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         keys, value = parse_override(item)
         _set_dotted(raw, keys, value)
         set_sections.add(keys[0])
+    for key, value in (values or {}).items():
+        _set_dotted(raw, key.split("."), value)
+        set_sections.add(key.split(".")[0])
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:

@@ -31,7 +31,7 @@ def sample(train_tsv: Path, n: int, seed: int, dest: Path) -> None:
 
 def run_llmcli(model: str, train: Path, dev: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "llmcli", "finetune", "--config", str(HERE.parent / "configs" / "sst2-minilm-cpu.yaml"),
-           "--model", model, "--set", f"data.train_file={train}", "--set", f"data.validation_file={dev}",
+           "--model", model, "--set", "data.dataset_name=null", "--set", f"data.train_file={train}", "--set", f"data.validation_file={dev}",
            "--set", "data.max_train_samples=null", "-o", str(out), "--overwrite", "--quiet"]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)

@@ -115,7 +115,7 @@ def main() -> None:
     n_train, n_dev = (400, 200) if args.quick else (args.samples, None)
     sample(Path(args.train), n_train, 42, work / "train.tsv")
     sample(Path(args.dev), n_dev, 42, work / "dev.tsv")
-    data = [f"model.model_name_or_path={model}", f"data.train_file={work / 'train.tsv'}",
+    data = [f"model.model_name_or_path={model}", "data.dataset_name=null", f"data.train_file={work / 'train.tsv'}",
             f"data.validation_file={work / 'dev.tsv'}", "data.max_train_samples=null"]
     sets = [x for item in data for x in ("--set", item)]
 

@@ -17,37 +17,32 @@ def layout(run_dir):
     return sorted(p.name for p in run_dir.iterdir())
 
 
+def _launch(*args, timeout=300, env=None):
+    """`accelerate launch` itself (not llmcli's `--num-processes` relaunch): 2 gloo ranks on the CPU."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def test_two_processes_match_one_process(cli, tmp_path):
-    env = {**os.environ, "LLMCLI_CACHE": str(tmp_path / "cache")}
+    """`accelerate launch -m llmcli` (2 gloo ranks, per-device batch 4) computes what one process
+    with batch 8 does. The `--num-processes` relaunch is exercised by the SIGTERM test below."""
     one = tmp_path / "one"
     cli("pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=8"), "-o", one)
     two = tmp_path / "two"
-    proc = subprocess.run([sys.executable, "-m", "llmcli", "pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=4"),
-                           "-o", str(two), "--num-processes", "2"], env=env, capture_output=True, text=True, timeout=300)
+    proc = _launch("pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=4"), "-o", two,
+                   env={**os.environ, "LLMCLI_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
-    assert "launching 2 processes" in proc.stderr
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s2["global_step"] == s1["global_step"] == 8
     assert s2["train_tokens"] == s1["train_tokens"] == 8 * 8 * 32  # global batch = 2 x per-device 4
     assert abs(s2["eval_loss"] - s1["eval_loss"]) / s1["eval_loss"] < 1e-3
-    assert layout(one) == layout(two)
+    assert layout(one) == layout(two) and not (two / ".llmcli.lock").exists()
     # each rank's RNG state made it into the renamed checkpoint (a resumed rank 1 gets its own back)
     assert {p.name for p in (two / "checkpoint-8").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert proc.stderr.count("built gpt2 from scratch") == 1  # only the main process talks
     entries = os.listdir(tmp_path / "cache" / "tokenized")
     assert len(entries) == 1 and not any(e.startswith(".") for e in entries)  # tokenized once, no leftovers
-
-
-def test_accelerate_launch_directly(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli", "pretrain",
-                           *sets(*DETERMINISTIC, "training.max_steps=2", "training.per_device_train_batch_size=2"), "-o", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_tokens"] == 2 * 2 * 2 * 32
-    assert not (out / ".llmcli.lock").exists()
 
 
 def test_streaming_trains_without_caching_the_corpus(cli, gpt2_run, tmp_path, monkeypatch):
@@ -74,24 +69,17 @@ def test_cache_key_follows_the_tokenizer(cli, tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / "cache" / "tokenized")) == 2
 
 
-def _launch(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def test_finetune_and_eval_under_two_processes(bert_run, tmp_path):
-    out = tmp_path / "clf"
-    proc = _launch("finetune", "--model", bert_run, *sets(f"data.train_file={FIXTURES / 'sentiment_train.tsv'}",
-                   f"data.validation_file={FIXTURES / 'sentiment_dev.tsv'}", "training.max_steps=4",
-                   "training.per_device_train_batch_size=4"), "-o", out)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == "classification" and sum(c["support"] for c in summary["eval_per_class"].values()) == 40
-    proc = _launch("eval", "--model", out, "--data", FIXTURES / "sentiment_dev.tsv", "--json")
+def test_classifier_eval_under_two_processes_matches_one(cli, classifier_run):
+    """Each rank scores its share of the examples; the main process reports the reduced metrics once."""
+    args = ("eval", "--model", classifier_run, "--data", FIXTURES / "sentiment_dev.jsonl", "--set", "data.label_column=sentiment", "--json")
+    one = json.loads(cli(*args).stdout)["metrics"]
+    proc = _launch(*args)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["metrics"]["examples"] == 40  # reported once, by the main process
+    assert len(lines) == 1  # reported once, by the main process
+    two = json.loads(lines[0])["metrics"]
+    assert two["examples"] == one["examples"] == 40
+    assert two == one  # counts: the confusion matrix, per-class support, and what follows from them
 
 
 def test_sigterm_to_a_two_process_run_checkpoints_and_exits_143(cli, tmp_path):
@@ -117,7 +105,7 @@ def test_sigterm_to_a_two_process_run_checkpoints_and_exits_143(cli, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err
-    assert "stopped by SIGTERM at step 3" in err and "Traceback" not in err and "ChildFailedError" not in err
+    assert "launching 2 processes" in err and "stopped by SIGTERM at step 3" in err and "Traceback" not in err and "ChildFailedError" not in err
     assert (out / "checkpoint-3" / "trainer_state.json").exists()
     assert {p.name for p in (out / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     env.pop("HOOK_PAUSE_AT_STEP")
@@ -155,5 +143,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_stop_flag_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    # forked, not spawned: the ranks inherit this process's imports (a spawned rank re-imports torch and
+    # transformers, ~10 s each); nothing here has started threads that the ranks need
+    mp.start_processes(_stop_flag_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True, start_method="fork")
     assert dict(results) == {0: (signal.SIGTERM, True, True, 0), 1: (signal.SIGTERM, True, True, 1)}
