@@ -13,7 +13,7 @@ from llmcli.cache import cached, tokenizer_fingerprint
 from llmcli.config import DataSection
 from llmcli.errors import DataError
 from llmcli.sources import (RawData, builder_for, check_file, is_line_text, load_hub, pick_column, resolve_files,
-                            source_fingerprint, _builder, _load_files)
+                            source_fingerprint, _builder, load_files)
 
 
 def _num_proc(data: DataSection) -> int | None:
@@ -243,7 +243,7 @@ def load_eval_split(data: DataSection, split: str):
     for key in ("validation_file", "train_file"):
         spec = getattr(data, key)
         if spec:
-            return _load_files(resolve_files(spec, key), data, key)
+            return load_files(resolve_files(spec, key), data, key)
     if data.dataset_name:
         hub = load_hub(data)
         if split not in hub:

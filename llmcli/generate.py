@@ -228,7 +228,7 @@ def finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> tu
             seq, reason = seq[:pos], "stop"
             break
     text = tokenizer.decode(seq, skip_special_tokens=True)
-    cuts = [text.find(s) for s in g.stop if s and s in text]
+    cuts = [text.find(s) for s in g.stop if s in text]
     if cuts:
         text, reason = text[: min(cuts)], "stop"
         return text, len(tokenizer(text, add_special_tokens=False)["input_ids"]), reason

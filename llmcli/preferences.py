@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from llmcli.errors import DataError
-from llmcli.sources import RawData, _load_files, resolve_files
+from llmcli.sources import RawData, load_files, resolve_files
 from llmcli.tasks import Task
 
 PROMPT_CANDIDATES = ("prompt", "query", "text")
@@ -84,7 +84,7 @@ def _file_rows(path: str, data, key: str):
     """(where, row) for each row of a file: JSONL read line by line, other formats through `datasets`."""
     if Path(path).suffix.lower() == ".jsonl":
         return _jsonl_rows(path)
-    ds = _load_files([path], data, key)
+    ds = load_files([path], data, key)
     if Path(path).suffix.lower() in (".csv", ".tsv"):
         return ((f"{path}:{i + 2}", row) for i, row in enumerate(ds))  # line 1 is the header
     return ((f"{path}: row {i + 1}", row) for i, row in enumerate(ds))

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from llmcli import console, curves, runs
-from llmcli.errors import ConfigError
+from llmcli.errors import EXIT_SIGINT, ConfigError
 from llmcli.runinfo import inspect_run
 
 _RUN_MARKERS = ("metrics.jsonl", "summary.json", runs.LOCK_NAME)
-_EXIT_SIGINT = 130
 
 
 def run(paths: list[str], as_json: bool = False, plot: bool = False, watch: bool = False, interval: float = 10.0,
@@ -45,7 +44,7 @@ def run(paths: list[str], as_json: bool = False, plot: bool = False, watch: bool
     if watch:
         rows = _watch(dirs, interval, as_json)
         if rows is None:
-            return _EXIT_SIGINT
+            return EXIT_SIGINT
     else:
         rows = [inspect_run(d) for d in dirs]
         if not as_json:

@@ -5,7 +5,6 @@ before/after numbers (reward, KL to the reference, the reference's perplexity of
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 from llmcli.config import Config, GenerationSection, ModelSection
 from llmcli.dist import is_main_process
 from llmcli.errors import ConfigError
+from llmcli.metrics import safe_exp
 from llmcli.preferences import is_conversation
 from llmcli.tasks import Task
 
@@ -90,7 +90,7 @@ def check_reward_model(path: str, label: str | None, m: ModelSection) -> None:
     """reward.model is a classifier with `label`, or a reward model without one (its config only)."""
     from llmcli import modeling, tasks
 
-    config = modeling.load_pretrained_config(modeling.resolve_model_path(path), m)
+    config = modeling.inference_config(modeling.resolve_model_path(path), m)
     kind = tasks.task_of_model(config)
     if kind != Task.CLASSIFICATION:
         raise ConfigError(f"reward.model: {path} is a {kind} model; it must be a classifier or a reward model")
@@ -227,7 +227,7 @@ def policy_eval(model, tokenizer, prompts: list, reward: Reward, g: GenerationSe
         "reward": sum(scores) / len(scores),
         "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
         "kl": kl_sum / n_tokens if n_tokens else 0.0,
-        "ref_perplexity": math.exp(nll_sum / n_tokens) if n_tokens else None,
+        "ref_perplexity": safe_exp(nll_sum / n_tokens) if n_tokens else None,
     }
     return result
 

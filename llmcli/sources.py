@@ -129,7 +129,7 @@ class RawData:
             for key, split in (("train_file", "train"), ("validation_file", "validation")):
                 spec = getattr(data, key)
                 if spec:
-                    splits[split] = _load_files(resolve_files(spec, key), data, key)
+                    splits[split] = load_files(resolve_files(spec, key), data, key)
         elif data.dataset_name:
             hub = load_hub(data)
             if data.train_split in hub:
@@ -173,7 +173,8 @@ def is_line_text(spec: str | list[str] | None) -> bool:
     return bool(spec) and builder_for(spec if isinstance(spec, str) else spec[0]) == "text"
 
 
-def _load_files(files: list[str], data: DataSection, key: str):
+def load_files(files: list[str], data: DataSection, key: str):
+    """Local files as one `datasets.Dataset` (builder from the extension); a read error names the files."""
     from datasets import load_dataset
 
     for f in files:

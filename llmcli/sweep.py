@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from llmcli import console, files, runs
 from llmcli.config import load_config
-from llmcli.config import suggest as _did_you_mean
+from llmcli.config import suggest
 from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
 from llmcli.sweep_config import SweepConfig, param_override
 from llmcli.sweep_results import fmt, report, write_tables
@@ -341,7 +341,7 @@ class _PruningCallback(TrainerCallback):
         if value is None:
             if self.metric.startswith("eval_"):
                 have = sorted(k for k in metrics or {} if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")))
-                raise ConfigError(f"metric '{self.metric}' is not among the evaluation results ({', '.join(have)}){_did_you_mean(self.metric, have)}")
+                raise ConfigError(f"metric '{self.metric}' is not among the evaluation results ({', '.join(have)}){suggest(self.metric, have)}")
             return
         key = self.metric if self.metric in (metrics or {}) else "eval_loss"
         step = sum(1 for entry in state.log_history if key in entry)  # this evaluation is logged already

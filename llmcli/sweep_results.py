@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from llmcli import console, files
+from llmcli import console, files, runs
 from llmcli.config import load_config
 from llmcli.errors import ConfigError
 from llmcli.sweep_config import SweepConfig, param_override
@@ -41,11 +41,7 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
     rows = []
     for rank, t in enumerate(trials, 1):
         run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
-        summary = {}
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            pass
+        summary = runs.read_summary(run_dir) or {}
         note = t.user_attrs.get("error", "")
         if t.state == TrialState.PRUNED:
             note = f"pruned at evaluation {t.user_attrs.get('pruned_at_eval', '?')}"

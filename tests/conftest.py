@@ -81,7 +81,10 @@ def cli():
 
 
 def _session_run(tmp_path_factory, name, *args):
-    """Run one CLI command once for the whole session into runs/<name>; returns the run dir."""
+    """Run one CLI command once per test process into runs/<name>; returns the run dir.
+
+    Under pytest-xdist each worker is its own session, so each worker that needs the run builds it
+    once (tiny: seconds)."""
     from typer.testing import CliRunner
 
     from llmcli.cli import app
@@ -94,7 +97,7 @@ def _session_run(tmp_path_factory, name, *args):
 
 @pytest.fixture(scope="session")
 def gpt2_run(tmp_path_factory):
-    """A tiny GPT-2 pretrained once for the session (used by generate/eval/finetune tests)."""
+    """A tiny GPT-2 pretrained once per test process (used by generate/eval/finetune tests)."""
     return _session_run(tmp_path_factory, "gpt2", "pretrain",
                         *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=40"))
 
@@ -105,7 +108,7 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="session")
 def bert_run(tmp_path_factory):
-    """A tiny BERT pretrained (masked LM) once for the session: the base for classifier tests."""
+    """A tiny BERT pretrained (masked LM) once per test process: the base for classifier tests."""
     return _session_run(tmp_path_factory, "bert", "pretrain",
                         *sets(*TINY_BERT, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=10"))
 

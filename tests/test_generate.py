@@ -263,6 +263,10 @@ def test_streams_one_prompt_to_a_terminal(cli, gpt2_run):
     # on a terminal the tokens stream as they come, and the stop string is cut from what was shown
     code, shown = _run_on_a_terminal([*args, "--stop", stop])
     assert code == 0 and shown == piped[: piped.find(stop)] + "\n"
+    # a stop string that never comes: the text held back in case it did is shown at the end of the stream
+    assert "@@@" not in piped
+    code, shown = _run_on_a_terminal([*args, "--stop", "@@@"])
+    assert code == 0 and shown == piped + "\n"
 
 
 def test_lora_base_model_with_pickle_weights_needs_allow_pickle(cli, gpt2_run, tmp_path):

@@ -80,21 +80,40 @@ def test_kill9_while_saving_resumes_from_the_previous_checkpoint_to_the_same_res
 
 
 def test_signal_checkpoints_then_exits(cli, tmp_path):
-    """SIGTERM: checkpoint, exit 143, the rerun resumes. The first Ctrl-C (SIGINT) takes the same path
-    to exit 130 (the handler is shared; the second-interrupt test below sends it and checks 130)."""
-    sig, code = signal.SIGTERM, 143
+    """SIGTERM: checkpoint, exit 143, the rerun resumes. A first Ctrl-C takes the same path; its exit
+    code (130) is checked by the unit test below, which saves a second process start."""
     out = tmp_path / "run"
     proc = start(out, tmp_path, PAUSE_AT_STEP=5)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err.decode()
+    assert proc.returncode == 143, err.decode()
     err = err.decode()
-    assert f"stopped by {sig.name} at step 5" in err and "Traceback" not in err
+    assert "stopped by SIGTERM at step 5" in err and "Traceback" not in err
     assert (out / "checkpoint-5" / "trainer_state.json").exists()
     assert not (out / ".llmcli.lock").exists()
     summary_run = cli(*args(out))
     assert "checkpoint-5" in summary_run.stderr
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == 5
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_first_signal_asks_for_a_checkpoint_and_maps_to_its_exit_code(sig, code):
+    """The guard the training loop installs: a first signal only flags the step (save, stop), and the
+    stop it raises afterwards carries the shell's code for that signal (128 + signum)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from llmcli.errors import Interrupted
+    from llmcli.trainer import GracefulStop
+
+    guard = GracefulStop()
+    with guard.installed():
+        os.kill(os.getpid(), sig)
+        time.sleep(0.1)  # the handler runs between bytecodes of the main thread
+    assert signal.getsignal(sig) is not guard._handle  # the previous handler is back
+    control = TrainerControl()
+    guard.on_step_end(TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), control)
+    assert guard.signum == sig and control.should_save and control.should_training_stop
+    assert Interrupted(guard.signum, "stopped").exit_code == code
 
 
 def test_second_sigint_exits_at_once_keeping_the_last_checkpoint(tmp_path):
