@@ -19,6 +19,7 @@ from typing import Any
 
 from llmcli import console, data, metrics, modeling, tasks
 from llmcli.config import Config
+from llmcli.dist import is_main_process
 from llmcli.errors import ConfigError
 from llmcli.runs import RunDir, output_dir_of
 from llmcli.sources import RawData, source_fingerprint
@@ -52,7 +53,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         label_names = data.label_names_from(raw, modeling.user_labels(model_config)) if task == Task.CLASSIFICATION else None
         tokenizer, model, datasets, collator = training.prepare(cfg, task, fmt, raw, model_path, label_names)
         if cfg.peft is not None:
-            model = _add_lora(model, cfg, task)
+            model = _add_lora(model, cfg, task, run_dir.path)
 
         def after_train(trainer) -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -93,7 +94,7 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
         model = modeling.build_model(cfg, task, tokenizer, model_path)
         console.info(about)
         if cfg.peft is not None:
-            model = _add_lora(model, cfg, task)
+            model = _add_lora(model, cfg, task, run_dir.path)
         s = feedback.setup(task, cfg, model, tokenizer, rows, model_path, run_dir.path)
 
         def after_train(trainer) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
     return summary
 
 
-def _add_lora(model, cfg: Config, task: str):
+def _add_lora(model, cfg: Config, task: str, run_dir: Path):
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
@@ -119,7 +120,17 @@ def _add_lora(model, cfg: Config, task: str):
                  Task.DPO: TaskType.CAUSAL_LM, Task.RL: TaskType.CAUSAL_LM}.get(task)
     if task_type is None:
         raise ConfigError(f"peft: LoRA is supported for classification, causal-lm, reward, dpo and rl, not {task}")
-    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules, task_type=task_type)
+    modules_to_save = None
+    if task_type == TaskType.SEQ_CLS:
+        # peft trains and saves the head (classifier/score); layers the checkpoint did not hold (BERT's pooler
+        # after masked-LM pretraining) start random too, so they are trained and saved with it, or an
+        # adapter-only load would draw them afresh. head_config.json keeps the labels the base lacks.
+        new = getattr(model, "llmcli_new_modules", [])
+        modules_to_save = [n for n in new if n.split(".")[0] not in ("classifier", "score")] or None
+        if is_main_process():
+            modeling.save_head_config(model, run_dir)
+    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules, task_type=task_type,
+                      modules_to_save=modules_to_save)
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:

@@ -156,10 +156,14 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     if task == Task.REWARD:
         kwargs["ignore_mismatched_sizes"] = True  # a classifier may start a reward model: its head is replaced
     try:
-        model = head.from_pretrained(model_path, **kwargs)
+        model, loaded = head.from_pretrained(model_path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"could not load model '{model_path}': {first_line(err)}") from None
     check_vocab(model, tokenizer)
+    # the modules the checkpoint did not hold start random (a new head; BERT's pooler after masked-LM
+    # pretraining): LoRA must train and save them with the adapter (finetune._add_lora)
+    new = [k if isinstance(k, str) else k[0] for k in [*loaded["missing_keys"], *loaded["mismatched_keys"]]]
+    model.llmcli_new_modules = sorted({k.rsplit(".", 1)[0] for k in new if "." in k})
     return model
 
 
@@ -179,6 +183,7 @@ def scratch_config(m: ModelSection):
     return config
 
 
+HEAD_CONFIG = "head_config.json"  # a LoRA classifier's labels beside its adapter (save_head_config)
 REWARD_LABELS = ["reward"]  # a reward model: one output, its score (tasks.is_reward_model)
 
 
@@ -286,13 +291,52 @@ def pick_device(device: str | None, dtype: str | None):
     return dev, torch.float32
 
 
+def _adapter_only(local: Path) -> bool:
+    return local.is_dir() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+
+
+def save_head_config(model, run_dir: Path) -> None:
+    """A LoRA classifier's head beside its adapter: class, labels and pad token, which the base
+    model's config does not have (so an adapter-only load gets the trained labels, not LABEL_0..)."""
+    from llmcli.files import write_json_atomic
+
+    c = model.config
+    write_json_atomic(run_dir / HEAD_CONFIG, {"architectures": [type(model).__name__], "id2label": c.id2label,
+                                              "label2id": c.label2id, "pad_token_id": c.pad_token_id})
+
+
+def inference_config(path: str, m: ModelSection):
+    """The config of the model `load_for_inference(path)` loads (for a LoRA run dir: merged/, else
+    the base model's config with the trained head of head_config.json)."""
+    local = Path(path)
+    if not _adapter_only(local):
+        return load_pretrained_config(path, m)
+    if (local / "merged" / "config.json").exists():
+        return load_pretrained_config(str(local / "merged"), m)
+    config = load_pretrained_config(_adapter_base(local), m)
+    head = local / HEAD_CONFIG
+    if not head.exists() and local.name.startswith("checkpoint-"):
+        head = local.parent / HEAD_CONFIG  # a checkpoint's head is its run's
+    if head.exists():
+        h = json.loads(head.read_text())
+        config.update({**h, "id2label": {int(k): v for k, v in h["id2label"].items()}})
+    return config
+
+
+def _adapter_base(local: Path) -> str:
+    base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{local / 'adapter_config.json'} names no base model (base_model_name_or_path)")
+    return base
+
+
 def load_for_inference(path: str, m: ModelSection, device: str | None = None, dtype: str | None = None):
     """(model in eval mode on its device, tokenizer, kind) for a model dir, run dir or hub id.
 
     A LoRA run dir loads its merged/ model when there is one, else base model + adapter.
     """
     local = Path(path)
-    adapter_only = local.is_dir() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+    adapter_only = _adapter_only(local)
     if adapter_only and (local / "merged" / "config.json").exists():
         path, local, adapter_only = str(local / "merged"), local / "merged", False
     dev, torch_dtype = pick_device(device, dtype)
@@ -325,15 +369,16 @@ def _load_adapter(local: Path, m: ModelSection, torch_dtype):
     adapter = json.loads((local / "adapter_config.json").read_text())
     if not (local / "adapter_model.safetensors").exists() and (local / "adapter_model.bin").exists() and not m.allow_pickle:
         raise ConfigError(f"{local} has only pickle adapter weights (adapter_model.bin); set model.allow_pickle=true if you trust the file")
-    base = adapter.get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{local / 'adapter_config.json'} names no base model (base_model_name_or_path)")
+    base = _adapter_base(local)
     check_weights(base, m.allow_pickle)
     kind = Task.CLASSIFICATION if adapter.get("task_type") == "SEQ_CLS" else Task.CAUSAL_LM
-    cls = peft.AutoPeftModelForSequenceClassification if kind == Task.CLASSIFICATION else peft.AutoPeftModelForCausalLM
-    # peft passes these on to the base model's from_pretrained (`revision` is the adapter's; the base's is in its config)
+    # the base with the head the run trained (its size and labels); the adapter then brings the head's
+    # weights and any layer the base did not hold (modules_to_save)
+    config = inference_config(str(local), m)
     try:
-        model = cls.from_pretrained(str(local), **_load_kwargs(m, dtype=torch_dtype))
-    except (OSError, ValueError) as err:
+        base_model = tasks.auto_class(kind).from_pretrained(base, **_load_kwargs(m, config=config, dtype=torch_dtype),
+                                                            ignore_mismatched_sizes=kind == Task.CLASSIFICATION)
+        model = peft.PeftModel.from_pretrained(base_model, str(local))
+    except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"could not load the LoRA adapter in {local} or its base model '{base}': {first_line(err)}") from None
     return model, load_tokenizer_for(str(local), m), kind

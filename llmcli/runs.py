@@ -41,7 +41,7 @@ RUN_FILES = (
     "config.yaml", "metrics.jsonl", "summary.json", "config.json", "generation_config.json", "training_args.bin",
     "trainer_state.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
     "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "confusion_matrix.json",
-    "confusion_matrix.png", "curves.png", "adapter_config.json", "README.md", "*.safetensors",
+    "confusion_matrix.png", "curves.png", "adapter_config.json", "head_config.json", "README.md", "*.safetensors",
     "model.safetensors.index.json", "checkpoint-*", STAGING_DIR, "merged", "tensorboard", "*.tmp",
 )
 

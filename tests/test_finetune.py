@@ -125,19 +125,40 @@ def test_lora_saves_adapter_and_merged_model(cli, bert_run, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "lora"
-    result = cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={TSV_TRAIN}", f"data.validation_file={TSV_DEV}",
+    result = cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
+                 f"data.validation_file={FIXTURES / 'sentiment_dev.jsonl'}", "data.label_column=sentiment",
                  "peft.r=4", "peft.alpha=8", "training.learning_rate=5e-3"), "-o", out)
     assert "LoRA r=4" in result.stderr
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
-    assert merged.config.num_labels == 2
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["merged_model"] == str(out / "merged")
     # the reported accuracy is the merged model's on the dev file, recounted here
-    rows = [line.split("\t") for line in TSV_DEV.read_text().splitlines()[1:]]
-    preds = _predict(out / "merged", [text for text, _ in rows])
-    assert len(rows) == 40 and summary["eval_accuracy"] == sum(p == int(label) for p, (_, label) in zip(preds, rows)) / 40
+    rows = read_jsonl(FIXTURES / "sentiment_dev.jsonl")
+    preds = _predict(out / "merged", [r["text"] for r in rows])
+    assert len(rows) == 40 and summary["eval_accuracy"] == sum(merged.config.id2label[p] == r["sentiment"] for p, r in zip(preds, rows)) / 40
+
+    # adapter only (peft.merge: false, or merged/ moved away): base + adapter is the same classifier. The
+    # adapter holds the head and the pooler BERT's masked-LM base lacks (else redrawn at random on each
+    # load), and head_config.json the labels (else LABEL_0/LABEL_1)
+    texts = [r["text"] for r in rows[:6]]
+    label = ("generate", "--model", out, "--format", "jsonl", *[a for t in texts for a in ("--prompt", t)])
+    from_merged = [json.loads(x) for x in cli(*label).stdout.splitlines()]
+    (out / "merged").rename(tmp_path / "merged")
+    from_adapter = [json.loads(x) for x in cli(*label).stdout.splitlines()]
+    assert [r["label"] for r in from_adapter] == [r["label"] for r in from_merged] and len(from_adapter) == 6
+    for a, b in zip(from_adapter, from_merged):
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-5)
+    from llmcli.config import ModelSection
+    from llmcli.errors import ConfigError
+    from llmcli.rewards import check_reward_model
+
+    check_reward_model(str(out), "positive", ModelSection())  # usable as reward.model, adapter only
+    with pytest.raises(ConfigError, match="labels: negative, positive"):
+        check_reward_model(str(out), "good", ModelSection())
+    (tmp_path / "merged").rename(out / "merged")
 
     # LoRA trained its adapters (lora_B starts at zero) and the new head; the base weights are untouched
     from safetensors.torch import load_file
@@ -145,6 +166,8 @@ def test_lora_saves_adapter_and_merged_model(cli, bert_run, tmp_path):
     adapter = load_file(out / "adapter_model.safetensors")
     lora_b = [k for k in adapter if "lora_B" in k]
     assert len(lora_b) == 2 * 2 and all(adapter[k].abs().max() > 0 for k in lora_b)  # query, value in 2 layers
+    assert {k for k in adapter if "lora_" not in k} == {f"base_model.model.{m}.{w}" for m in ("bert.pooler.dense", "classifier")
+                                                     for w in ("weight", "bias")}
     base, tuned = load_file(bert_run / "model.safetensors"), merged.state_dict()
     shared = [k for k in base if k in tuned]
     adapted = [k for k in shared if k.endswith(("query.weight", "value.weight"))]
