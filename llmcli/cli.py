@@ -11,7 +11,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -111,17 +111,13 @@ def _quiet_libraries(debug: bool) -> None:
     warnings.filterwarnings("ignore")
 
 
-def _overrides(sets: Optional[list[str]], output_dir: Optional[str] = None, **flags) -> list[str]:
-    out = list(sets or [])
-    if output_dir is not None:
-        out.append(f"training.output_dir={output_dir}")
-    for key, value in flags.items():
-        if value is not None:
-            out.append(f"{key}={value}")
-    return out
+def _flag_values(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags given, as typer typed them, for `load_config(values=)`: a path or name is taken as
+    is, never parsed as YAML (`-o 2024`, `--split on`, `--data null.txt` stay strings)."""
+    return {key: value for key, value in flags.items() if value is not None}
 
 
-def _train_command(command: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, extra=()):
+def _train_command(command: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, flags=None):
     run: dict = {}
 
     def body():
@@ -129,7 +125,8 @@ def _train_command(command: str, config, sets, output_dir, resume, overwrite, dr
         from llmcli.config import load_config
 
         module = {"pretrain": pretrain, "finetune": finetune}[command]
-        cfg = load_config(config, _overrides(sets, output_dir) + list(extra), command=command)
+        cfg = load_config(config, list(sets or []), command=command,
+                          values=_flag_values({"training.output_dir": output_dir, **(flags or {})}))
         if launch.wanted(cfg) and not dry_run:
             raise typer.Exit(launch.relaunch(cfg))
         run["dir"] = None if dry_run else cfg.training.output_dir
@@ -156,8 +153,8 @@ def pretrain(
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes to launch through accelerate (one per GPU).")] = None,
 ):
     """Pretrain a causal LM (GPT-2 style) or masked LM (BERT style), from scratch or from a checkpoint."""
-    extra = [f"launch.num_processes={num_processes}"] if num_processes else []
-    _train_command("pretrain", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug, extra)
+    _train_command("pretrain", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug,
+                   {"launch.num_processes": num_processes})
 
 
 @app.command()
@@ -169,8 +166,8 @@ def finetune(
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes to launch through accelerate (one per GPU).")] = None,
 ):
     """Fine-tune a pretrained model: sequence classification or causal LM (optionally with LoRA)."""
-    extra = _overrides(None, None, **{"model.model_name_or_path": model, "peft.merge": merge, "launch.num_processes": num_processes})
-    _train_command("finetune", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug, extra)
+    _train_command("finetune", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug,
+                   {"model.model_name_or_path": model, "peft.merge": merge, "launch.num_processes": num_processes})
 
 
 @app.command()
@@ -205,8 +202,8 @@ def generate(
             "generation.num_return_sequences": num_return_sequences, "generation.do_sample": do_sample,
             "generation.seed": seed, "generation.batch_size": batch_size,
         }
-        cfg = load_config(config, _overrides(set_, None, **flags), command="generate",
-                          values={"generation.stop": list(stop)} if stop else None)
+        cfg = load_config(config, list(set_ or []), command="generate",
+                          values=_flag_values({**flags, "generation.stop": list(stop) if stop else None}))
         gen.run(cfg, prompts=prompt, input_path=input_, input_format=input_format.value, output_format=format_.value,
                 output_path=output, checkpoint=checkpoint, device=device, dtype=dtype)
 
@@ -253,7 +250,7 @@ def eval_(
         if dataset is not None:
             sets += ["data.train_file=null", "data.validation_file=null"]
         sets += [f"eval.fail_under.{g}" for g in fail_under or []] + [f"eval.fail_over.{g}" for g in fail_over or []]
-        cfg = load_config(config, _overrides(sets, None, **flags), command="eval")
+        cfg = load_config(config, sets, command="eval", values=_flag_values(flags))
         if launch.wanted(cfg):
             raise typer.Exit(launch.relaunch(cfg))  # before torch is imported: the launcher stays light
         from llmcli import evaluate
