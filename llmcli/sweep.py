@@ -90,12 +90,17 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
 # The study
 
 
+def median_pruner(startup_trials: int, warmup_evals: int):
+    """Optuna's median pruner as the sweep file means it. Trials report evaluation 1, 2, ... and Optuna
+    may prune at any step >= n_warmup_steps, so sparing the first `warmup_evals` takes warmup_evals + 1."""
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals + 1)
+
+
 def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrides: list[str]):
     url = storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
     rdb = _rdb_storage(url)
     name = sweep.study_name or sweep_dir.resolve().name
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=sweep.pruner_warmup_evals)
-              if sweep.pruner == "median" else optuna.pruners.NopPruner())
+    pruner = median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals) if sweep.pruner == "median" else optuna.pruners.NopPruner()
     try:
         study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep),
                                     pruner=pruner, load_if_exists=True)

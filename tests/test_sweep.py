@@ -221,3 +221,27 @@ def test_worker_liveness_rules():
             datetime_start=datetime.datetime.fromtimestamp(now - age), datetime_complete=None, params={},
             distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=0)
         assert _worker_alive(trial, now) is alive, attrs
+
+
+@pytest.mark.parametrize("warmup_evals", [0, 1, 2])
+def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(warmup_evals):
+    """`pruner_warmup_evals: N`: a trial far below the median still runs its first N evaluations (the
+    sweep reports evaluation 1, 2, ...; Optuna's n_warmup_steps counts from step 0)."""
+    import optuna
+
+    from llmcli.sweep import median_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=median_pruner(1, warmup_evals))
+    finished = study.ask()
+    for step in (1, 2, 3, 4):
+        finished.report(0.9, step)
+    study.tell(finished, 0.9)
+    low = study.ask()
+    spared = 0
+    for step in (1, 2, 3, 4):
+        low.report(0.1, step)
+        if low.should_prune():
+            break
+        spared += 1
+    assert spared == warmup_evals
