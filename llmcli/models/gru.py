@@ -26,6 +26,9 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
+
+# The outputs' cache field: `cache` from Transformers 5.25 (which passes `cache=` to forward), `past_key_values` before
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
@@ -45,7 +48,7 @@ class GRUConfig(PreTrainedConfig):
     """
 
     model_type = "gru"
-    keys_to_ignore_at_inference = ["past_key_values"]  # Trainer's eval must not gather the cache
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # Trainer's eval must not gather the cache
     attribute_map = {"num_hidden_layers": "num_layers"}
     # `max_position_embeddings` is a default window, not a limit: longer blocks and prompts are fine.
     context_is_a_limit: ClassVar[bool] = False
@@ -144,7 +147,7 @@ class GRUPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -176,10 +179,13 @@ class GRUModel(GRUPreTrainedModel):
 
     @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                past_key_values: GRUCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                use_cache: bool | None = None, output_hidden_states: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+                cache: GRUCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                use_cache: bool | None = None, output_hidden_states: bool | None = None,
+                past_key_values: GRUCache | None = None, **kwargs) -> BaseModelOutputWithPast:
         """`attention_mask` (batch, seq) or (batch, past + seq) marks real tokens (1) and padding (0);
-        with `past_key_values` only the new tokens are passed and the GRU starts from the cached state."""
+        with a `cache` only the new tokens are passed and the GRU starts from the cached state.
+        (`past_key_values` is the same cache under the name Transformers used before 5.25.)"""
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if output_hidden_states:
@@ -202,7 +208,7 @@ class GRUModel(GRUPreTrainedModel):
             if past_key_values is None:
                 past_key_values = GRUCache(self.config.num_layers)
             past_key_values.update_states(h_n, seq_len)
-        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=out, **{CACHE_FIELD: past_key_values if use_cache else None})
 
     def _masked_gru(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None):
         """Run the GRU over the real tokens only; a pad position outputs the state carried into it.
@@ -243,19 +249,19 @@ class GRUForCausalLM(GRUPreTrainedModel, GenerationMixin):
 
     @can_return_tuple
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                past_key_values: GRUCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                cache: GRUCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, past_key_values: GRUCache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """`labels` are the input ids (shifted inside, -100 ignored), as for GPT-2."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=kwargs.pop("output_hidden_states", None))
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_hidden_states=kwargs.pop("output_hidden_states", None))
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
 
 
 class GRUForSequenceClassification(GRUPreTrainedModel):
