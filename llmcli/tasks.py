@@ -44,12 +44,15 @@ class TaskSpec:
     args_class: str = "transformers:TrainingArguments"  # the Trainer's arguments class (checks `training:` keys)
     trainer_class: str = "transformers:Trainer"
     commands: tuple[str, ...] = ("pretrain", "finetune")
+    # the head's loss is a plain batch mean that ignores Trainer's `num_items_in_batch` (training.fit)
+    batch_mean_loss: bool = False
 
 
 SPECS: dict[Task, TaskSpec] = {
     Task.CAUSAL_LM: TaskSpec("AutoModelForCausalLM", is_lm=True, main_metric="eval_loss"),
-    Task.MASKED_LM: TaskSpec("AutoModelForMaskedLM", is_lm=True, main_metric="eval_loss"),
-    Task.CLASSIFICATION: TaskSpec("AutoModelForSequenceClassification", is_lm=False, main_metric="eval_accuracy", commands=("finetune",)),
+    Task.MASKED_LM: TaskSpec("AutoModelForMaskedLM", is_lm=True, main_metric="eval_loss", batch_mean_loss=True),
+    Task.CLASSIFICATION: TaskSpec("AutoModelForSequenceClassification", is_lm=False, main_metric="eval_accuracy",
+                                  commands=("finetune",), batch_mean_loss=True),
     # learning from feedback (llmcli.feedback): TRL's trainers, each with its own config class
     Task.REWARD: TaskSpec("AutoModelForSequenceClassification", is_lm=False, main_metric="eval_accuracy",
                           args_class="trl:RewardConfig", trainer_class="trl:RewardTrainer", commands=("finetune",)),
