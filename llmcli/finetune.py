@@ -14,6 +14,7 @@ run dir then holds the adapter, and `merged/` a full model (unless `peft.merge: 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         label_names = data.label_names_from(raw, modeling.user_labels(model_config)) if task == Task.CLASSIFICATION else None
         tokenizer, model, datasets, collator = training.prepare(cfg, task, fmt, raw, model_path, label_names)
         if cfg.peft is not None:
-            model = _add_lora(model, cfg, task, run_dir.path)
+            model = _add_lora(model, cfg, task, run_dir.checkpoint)
 
         def after_train(trainer) -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -63,6 +64,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
                 out["merged_model"] = str(_save_merged(trainer.model, tokenizer, run_dir.path))
             return out
 
+        _save_head_config(model, cfg, task, run_dir.path)
         summary = training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train,
                                callbacks=callbacks, **tasks.metric_functions(task, label_names))
     console.summary_table("finetune", cfg.training.output_dir, summary)
@@ -94,7 +96,7 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
         model = modeling.build_model(cfg, task, tokenizer, model_path)
         console.info(about)
         if cfg.peft is not None:
-            model = _add_lora(model, cfg, task, run_dir.path)
+            model = _add_lora(model, cfg, task, run_dir.checkpoint)
         s = feedback.setup(task, cfg, model, tokenizer, rows, model_path, run_dir.path)
 
         def after_train(trainer) -> dict[str, Any]:
@@ -103,6 +105,7 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
                 out["merged_model"] = str(_save_merged(trainer.model, tokenizer, run_dir.path))
             return out
 
+        _save_head_config(model, cfg, task, run_dir.path)
         summary = training.fit(run_dir, cfg, model, tokenizer, s.datasets, None, task, after_train=after_train,
                                callbacks=callbacks, trainer_cls=tasks.trainer_class(task), args_cls=tasks.args_class(task),
                                trainer_kwargs=s.trainer_kwargs)
@@ -110,7 +113,7 @@ def _run_feedback(cfg: Config, task: Task, raw: RawData, model_path: str, resume
     return summary
 
 
-def _add_lora(model, cfg: Config, task: str, run_dir: Path):
+def _add_lora(model, cfg: Config, task: str, checkpoint: Path | None):
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
@@ -124,11 +127,12 @@ def _add_lora(model, cfg: Config, task: str, run_dir: Path):
     if task_type == TaskType.SEQ_CLS:
         # peft trains and saves the head (classifier/score); layers the checkpoint did not hold (BERT's pooler
         # after masked-LM pretraining) start random too, so they are trained and saved with it, or an
-        # adapter-only load would draw them afresh. head_config.json keeps the labels the base lacks.
+        # adapter-only load would draw them afresh. A resumed run keeps what its checkpoint trained (the
+        # optimizer state matches those parameters).
         new = getattr(model, "llmcli_new_modules", [])
+        if checkpoint is not None and (checkpoint / "adapter_config.json").exists():
+            new = json.loads((checkpoint / "adapter_config.json").read_text()).get("modules_to_save") or []
         modules_to_save = [n for n in new if n.split(".")[0] not in ("classifier", "score")] or None
-        if is_main_process():
-            modeling.save_head_config(model, run_dir)
     lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules, task_type=task_type,
                       modules_to_save=modules_to_save)
     try:
@@ -139,6 +143,13 @@ def _add_lora(model, cfg: Config, task: str, run_dir: Path):
     total = sum(x.numel() for x in model.parameters())
     console.info(f"LoRA r={p.r}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model
+
+
+def _save_head_config(model, cfg: Config, task: str, run_dir: Path) -> None:
+    """A LoRA classifier's or reward model's labels and pad token beside its adapter (head_config.json),
+    written once the head is final, before training: checkpoints read their run's."""
+    if cfg.peft is not None and task in (Task.CLASSIFICATION, Task.REWARD) and is_main_process():
+        modeling.save_head_config(model.get_base_model(), run_dir)
 
 
 def _save_merged(model, tokenizer, run_dir: Path) -> Path:

@@ -314,6 +314,8 @@ def inference_config(path: str, m: ModelSection):
     if (local / "merged" / "config.json").exists():
         return load_pretrained_config(str(local / "merged"), m)
     config = load_pretrained_config(_adapter_base(local), m)
+    if json.loads((local / "adapter_config.json").read_text()).get("task_type") != "SEQ_CLS":
+        return config  # head_config.json describes a classifier's head only
     head = local / HEAD_CONFIG
     if not head.exists() and local.name.startswith("checkpoint-"):
         head = local.parent / HEAD_CONFIG  # a checkpoint's head is its run's

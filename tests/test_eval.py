@@ -361,11 +361,11 @@ def test_dataset_split_path(cli, gpt2_run, tmp_path):
     assert got["metrics"]["bytes"] == len("\n\n".join(docs["test"]).encode()) and got["data"].endswith(":test")
     per_doc, _ = eval_json(cli, "--model", gpt2_run, "--dataset", folder, "--split", "test", "--per-document")
     assert per_doc["metrics"]["documents"] == 3  # the empty row is not a document
-    # a flag's value is taken as typed, never as YAML: the column "on" is not the boolean true
-    renamed = tmp_path / "on.jsonl"
-    renamed.write_text("".join(json.dumps({"on": t}) + "\n" for t in docs["test"]))
-    on, _ = eval_json(cli, "--model", gpt2_run, "--data", renamed, "--text-column", "on")
-    assert on["metrics"] == got["metrics"]
+    # a flag's value is taken as typed, never as YAML: the column "true" is not the boolean true
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"true": t}) + "\n" for t in docs["test"]))
+    named_true, _ = eval_json(cli, "--model", gpt2_run, "--data", renamed, "--text-column", "true")
+    assert named_true["metrics"] == got["metrics"]
     result = cli("eval", "--model", gpt2_run, "--dataset", folder, "--split", "validation", expect=4)
     assert "'validation' not in" in result.stderr and "test" in result.stderr
 

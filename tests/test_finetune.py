@@ -160,6 +160,17 @@ def test_lora_saves_adapter_and_merged_model(cli, bert_run, tmp_path):
         check_reward_model(str(out), "good", ModelSection())
     (tmp_path / "merged").rename(out / "merged")
 
+    # two more steps (a changed training key): the run resumes from checkpoint-60 with the same trainable
+    # modules (the pooler too) and its optimizer state, and the adapter still loads
+    head = (out / "head_config.json").read_text()
+    more = cli("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
+               f"data.validation_file={FIXTURES / 'sentiment_dev.jsonl'}", "data.label_column=sentiment",
+               "peft.r=4", "peft.alpha=8", "training.learning_rate=5e-3", "training.max_steps=62"), "-o", out)
+    assert "checkpoint-60" in more.stderr and json.loads((out / "summary.json").read_text())["resumed_from"] == 60
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == json.loads(
+        (out / "checkpoint-60" / "adapter_config.json").read_text())["modules_to_save"]
+    assert (out / "head_config.json").read_text() == head
+
     # LoRA trained its adapters (lora_B starts at zero) and the new head; the base weights are untouched
     from safetensors.torch import load_file
 

@@ -105,11 +105,12 @@ def test_first_signal_asks_for_a_checkpoint_and_maps_to_its_exit_code(sig, code)
     from llmcli.errors import Interrupted
     from llmcli.trainer import GracefulStop
 
-    guard = GracefulStop()
+    guard, before = GracefulStop(), signal.getsignal(sig)
     with guard.installed():
+        assert signal.getsignal(sig) == guard._handle
         os.kill(os.getpid(), sig)
         time.sleep(0.1)  # the handler runs between bytecodes of the main thread
-    assert signal.getsignal(sig) is not guard._handle  # the previous handler is back
+    assert signal.getsignal(sig) == before  # the previous handler is back
     control = TrainerControl()
     guard.on_step_end(TrainingArguments(output_dir="unused", report_to=[]), TrainerState(), control)
     assert guard.signum == sig and control.should_save and control.should_training_stop

@@ -27,7 +27,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
 
-# The outputs' cache field: `cache` from Transformers 5.25 (which passes `cache=` to forward), `past_key_values` before
+# The outputs' cache field: `cache` from Transformers 5.24 (which passes `cache=` to forward), `past_key_values` before
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
@@ -184,7 +184,7 @@ class GRUModel(GRUPreTrainedModel):
                 past_key_values: GRUCache | None = None, **kwargs) -> BaseModelOutputWithPast:
         """`attention_mask` (batch, seq) or (batch, past + seq) marks real tokens (1) and padding (0);
         with a `cache` only the new tokens are passed and the GRU starts from the cached state.
-        (`past_key_values` is the same cache under the name Transformers used before 5.25.)"""
+        (`past_key_values` is the same cache under the name Transformers used before 5.24.)"""
         past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
