@@ -16,7 +16,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from llmcli import __version__, console
-from llmcli.errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, LlmcliError
+from llmcli.errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, LlmcliError
 
 app = typer.Typer(
     name="llmcli",
@@ -117,7 +117,7 @@ def _flag_values(flags: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flags.items() if value is not None}
 
 
-def _train_command(command: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, flags=None):
+def _train_command(command: str, config, sets, output_dir, resume, overwrite, dry_run, quiet, debug, flags=None, merge=None):
     run: dict = {}
 
     def body():
@@ -127,6 +127,10 @@ def _train_command(command: str, config, sets, output_dir, resume, overwrite, dr
         module = {"pretrain": pretrain, "finetune": finetune}[command]
         cfg = load_config(config, list(sets or []), command=command,
                           values=_flag_values({"training.output_dir": output_dir, **(flags or {})}))
+        if merge is not None:  # a LoRA option: it must not turn LoRA on for a full fine-tune
+            if cfg.peft is None:
+                raise ConfigError(f"--{'' if merge else 'no-'}merge applies to LoRA runs; this config has no peft: section (add one, or --set peft=true)")
+            cfg.peft = cfg.peft.model_copy(update={"merge": merge})
         if launch.wanted(cfg) and not dry_run:
             raise typer.Exit(launch.relaunch(cfg))
         run["dir"] = None if dry_run else cfg.training.output_dir
@@ -167,7 +171,7 @@ def finetune(
 ):
     """Fine-tune a pretrained model: sequence classification or causal LM (optionally with LoRA)."""
     _train_command("finetune", config, set_, output_dir, resume, overwrite, dry_run, quiet, debug,
-                   {"model.model_name_or_path": model, "peft.merge": merge, "launch.num_processes": num_processes})
+                   {"model.model_name_or_path": model, "launch.num_processes": num_processes}, merge=merge)
 
 
 @app.command()

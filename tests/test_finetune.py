@@ -249,3 +249,8 @@ def test_finetune_dry_run_and_missing_model(cli, bert_run, tmp_path):
     assert "task: auto" in result.stdout and "classification" in result.stderr and not (out / "summary.json").exists()
     result = cli("finetune", *sets(f"data.train_file={TSV_TRAIN}"), "-o", out, expect=2)
     assert "finetune needs a pretrained model" in result.stderr
+    # --no-merge is a LoRA option: without a peft: section it is an error, not a switch to LoRA
+    result = cli("finetune", "--model", bert_run, *sets(f"data.train_file={TSV_TRAIN}"), "-o", out, "--no-merge", "--dry-run", expect=2)
+    assert "--no-merge applies to LoRA runs" in result.stderr and not out.exists()
+    result = cli("finetune", "--model", bert_run, *sets(f"data.train_file={TSV_TRAIN}", "peft=true"), "-o", out, "--no-merge", "--dry-run")
+    assert "merge: false" in result.stdout
