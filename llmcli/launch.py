@@ -34,6 +34,14 @@ def wanted(cfg: Config) -> bool:
     return cfg.launch.num_processes > 1 or bool(cfg.launch.config_file)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def relaunch(cfg: Config) -> int:
     """Run this very command line again under accelerate; returns the workers' exit code."""
     n = cfg.launch.num_processes
@@ -42,7 +50,8 @@ def relaunch(cfg: Config) -> int:
     if cfg.launch.config_file:
         cmd += ["--config_file", cfg.launch.config_file]
     else:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        # a free port, not accelerate's fixed 29500: two llmcli jobs on one machine must not collide
+        cmd += ["--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
         if n > 1:
             cmd.append("--multi_gpu")
     cmd += ["-m", "llmcli", *argv]

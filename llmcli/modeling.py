@@ -320,8 +320,11 @@ def inference_config(path: str, m: ModelSection):
     if not head.exists() and local.name.startswith("checkpoint-"):
         head = local.parent / HEAD_CONFIG  # a checkpoint's head is its run's
     if head.exists():
-        h = json.loads(head.read_text())
-        config.update({**h, "id2label": {int(k): v for k, v in h["id2label"].items()}})
+        try:
+            h = json.loads(head.read_text())
+            config.update({**h, "id2label": {int(k): v for k, v in h["id2label"].items()}})
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ConfigError(f"{head}: not a head config llmcli wrote ({first_line(err)})") from None
     return config
 
 

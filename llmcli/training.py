@@ -119,10 +119,10 @@ def fit(
     )
     trainer.nan_check = cfg.training.nan_check
     if tasks.spec(task).batch_mean_loss:
-        # BERT's and GPT-2's classification and masked-LM heads average their loss over the batch and ignore
-        # `num_items_in_batch`, but their forward takes **kwargs, so Trainer would assume they divided by the
-        # global item count: it multiplied loss and gradient by the number of processes and skipped the
-        # division by gradient_accumulation_steps (N x the loss under N processes or N accumulation steps)
+        # BERT's and GPT-2's classification heads and BERT's masked-LM head average their loss over the
+        # batch and ignore `num_items_in_batch`, but their forward takes **kwargs, so Trainer would assume
+        # they divided by the global item count: it multiplied loss and gradient by the number of processes
+        # and skipped the division by gradient_accumulation_steps (N x the loss under N processes or steps)
         trainer.model_accepts_loss_kwargs = False
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)

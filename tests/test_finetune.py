@@ -187,6 +187,31 @@ def test_lora_saves_adapter_and_merged_model(cli, bert_run, tmp_path):
     assert len(shared) - len(adapted) > 20
 
 
+def test_lora_classifier_resumes_a_run_that_trained_no_extra_modules(cli, bert_run, tmp_path, monkeypatch):
+    """A run started before llmcli trained the base's missing layers (here: the pooler) has no optimizer
+    state for them; resuming it keeps its checkpoint's modules_to_save instead of adding the pooler."""
+    from llmcli import modeling
+
+    build = modeling.build_model
+
+    def as_before(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.llmcli_new_modules = []  # what a run of the earlier version trained: adapters and head only
+        return model
+
+    out = tmp_path / "old"
+    args = ("finetune", "--model", bert_run, *sets(*CLASSIFIER, f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}",
+            "data.label_column=sentiment", "peft.r=4", "peft.merge=false", "training.save_steps=2"), "-o", out)
+    monkeypatch.setattr(modeling, "build_model", as_before)
+    cli(*args, "--set", "training.max_steps=2")
+    monkeypatch.setattr(modeling, "build_model", build)
+    saved = json.loads((out / "checkpoint-2" / "adapter_config.json").read_text())["modules_to_save"]
+    assert not any("pooler" in m for m in saved)
+    cli(*args, "--set", "training.max_steps=4")  # the optimizer state loads: no pooler parameters were added
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == saved
+
+
 def _predict(model_dir, texts):
     """Class indices from the saved model, one unpadded example at a time, with transformers only."""
     import torch

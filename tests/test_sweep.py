@@ -224,24 +224,27 @@ def test_worker_liveness_rules():
 
 
 @pytest.mark.parametrize("warmup_evals", [0, 1, 2])
-def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(warmup_evals):
+def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(tmp_path, warmup_evals):
     """`pruner_warmup_evals: N`: a trial far below the median still runs its first N evaluations (the
-    sweep reports evaluation 1, 2, ...; Optuna's n_warmup_steps counts from step 0)."""
+    sweep reports evaluation 1, 2, ...; Optuna's n_warmup_steps counts from step 0). The pruner is the
+    one `llmcli sweep` opens its study with; the values are fed as a minimizing sweep reports them."""
     import optuna
 
-    from llmcli.sweep import median_pruner
+    from llmcli.sweep import _open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", pruner=median_pruner(1, warmup_evals))
+    sweep = load_sweep_config(write_sweep(tmp_path, pruner_warmup_evals=warmup_evals))
+    (tmp_path / "sweep").mkdir()
+    study = _open_study(sweep, tmp_path / "sweep", None, [])
     finished = study.ask()
     for step in (1, 2, 3, 4):
-        finished.report(0.9, step)
-    study.tell(finished, 0.9)
-    low = study.ask()
+        finished.report(1.0, step)
+    study.tell(finished, 1.0)
+    high = study.ask()
     spared = 0
     for step in (1, 2, 3, 4):
-        low.report(0.1, step)
-        if low.should_prune():
+        high.report(9.0, step)  # a loss far above the finished trial's
+        if high.should_prune():
             break
         spared += 1
     assert spared == warmup_evals
