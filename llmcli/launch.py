@@ -34,7 +34,8 @@ def wanted(cfg: Config) -> bool:
     return cfg.launch.num_processes > 1 or bool(cfg.launch.config_file)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's rendezvous."""
     import socket
 
     with socket.socket() as s:
@@ -51,7 +52,7 @@ def relaunch(cfg: Config) -> int:
         cmd += ["--config_file", cfg.launch.config_file]
     else:
         # a free port, not accelerate's fixed 29500: two llmcli jobs on one machine must not collide
-        cmd += ["--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
         if n > 1:
             cmd.append("--multi_gpu")
     cmd += ["-m", "llmcli", *argv]

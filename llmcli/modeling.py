@@ -313,8 +313,22 @@ def inference_config(path: str, m: ModelSection):
         return load_pretrained_config(path, m)
     if (local / "merged" / "config.json").exists():
         return load_pretrained_config(str(local / "merged"), m)
-    config = load_pretrained_config(_adapter_base(local), m)
-    if json.loads((local / "adapter_config.json").read_text()).get("task_type") != "SEQ_CLS":
+    return _adapter_model_config(local, *_read_adapter(local), m)
+
+
+def _read_adapter(local: Path) -> tuple[dict[str, Any], str]:
+    """adapter_config.json and the base model it names."""
+    adapter = json.loads((local / "adapter_config.json").read_text())
+    base = adapter.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{local / 'adapter_config.json'} names no base model (base_model_name_or_path)")
+    return adapter, base
+
+
+def _adapter_model_config(local: Path, adapter: dict[str, Any], base: str, m: ModelSection):
+    """The base model's config, with a classifier adapter's head (head_config.json) on it."""
+    config = load_pretrained_config(base, m)
+    if adapter.get("task_type") != "SEQ_CLS":
         return config  # head_config.json describes a classifier's head only
     head = local / HEAD_CONFIG
     if not head.exists() and local.name.startswith("checkpoint-"):
@@ -326,13 +340,6 @@ def inference_config(path: str, m: ModelSection):
         except (ValueError, KeyError, AttributeError) as err:
             raise ConfigError(f"{head}: not a head config llmcli wrote ({first_line(err)})") from None
     return config
-
-
-def _adapter_base(local: Path) -> str:
-    base = json.loads((local / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"{local / 'adapter_config.json'} names no base model (base_model_name_or_path)")
-    return base
 
 
 def load_for_inference(path: str, m: ModelSection, device: str | None = None, dtype: str | None = None):
@@ -371,15 +378,14 @@ def _load_adapter(local: Path, m: ModelSection, torch_dtype):
         import peft
     except ImportError:
         raise ConfigError(f"{local} holds a LoRA adapter; install peft (pip install 'llmcli[peft]') or use its merged/ model") from None
-    adapter = json.loads((local / "adapter_config.json").read_text())
+    adapter, base = _read_adapter(local)
     if not (local / "adapter_model.safetensors").exists() and (local / "adapter_model.bin").exists() and not m.allow_pickle:
         raise ConfigError(f"{local} has only pickle adapter weights (adapter_model.bin); set model.allow_pickle=true if you trust the file")
-    base = _adapter_base(local)
     check_weights(base, m.allow_pickle)
     kind = Task.CLASSIFICATION if adapter.get("task_type") == "SEQ_CLS" else Task.CAUSAL_LM
     # the base with the head the run trained (its size and labels); the adapter then brings the head's
     # weights and any layer the base did not hold (modules_to_save)
-    config = inference_config(str(local), m)
+    config = _adapter_model_config(local, adapter, base, m)
     try:
         base_model = tasks.auto_class(kind).from_pretrained(base, **_load_kwargs(m, config=config, dtype=torch_dtype),
                                                             ignore_mismatched_sizes=kind == Task.CLASSIFICATION)

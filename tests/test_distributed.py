@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -31,11 +30,10 @@ def layout(run_dir):
 
 def _launch(*args, timeout=300, env=None):
     """`accelerate launch` itself (not llmcli's `--num-processes` relaunch): 2 gloo ranks on the CPU."""
-    with socket.socket() as s:  # a free port: xdist workers may launch at the same time
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from llmcli.launch import free_port  # xdist workers may launch at the same time
+
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli",
+                           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llmcli",
                            *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
