@@ -113,7 +113,7 @@ def _quiet_libraries(debug: bool) -> None:
 
 def _flag_values(flags: dict[str, Any]) -> dict[str, Any]:
     """The flags given, as typer typed them, for `load_config(values=)`: a path or name is taken as
-    is, never parsed as YAML (`-o 2024`, `--split on`, `--data null.txt` stay strings)."""
+    is, never parsed as YAML (`-o 2024`, `--text-column true`, `--data null` stay strings)."""
     return {key: value for key, value in flags.items() if value is not None}
 
 
