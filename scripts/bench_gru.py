@@ -114,7 +114,7 @@ def generation(args) -> None:
         out = model.generate(**enc, **gen_kwargs)
         return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
 
-    cfg = load_config(None, ["generation.temperature=0", f"generation.max_new_tokens={n_new}"], check_training=False)
+    cfg = load_config(None, ["generation.temperature=0", f"generation.max_new_tokens={n_new}"], command="generate")
 
     def llmcli_path():
         """What `llmcli generate --temperature 0` does after loading: batch (default size), generate, format."""
@@ -263,11 +263,11 @@ def _llmcli(args, *cli_args: str) -> str:
 
 def _split(config_path: Path) -> tuple[str, str]:
     """The held-out and training text exactly as `llmcli pretrain` splits them."""
-    from llmcli import data
     from llmcli.config import load_config
+    from llmcli.sources import RawData
 
     cfg = load_config(config_path)
-    raw = data.load_raw(cfg.data, cfg.training.model_dump().get("seed", 42))
+    raw = RawData(cfg.data, cfg.training.seed).splits
     return "".join(raw["validation"]["text"]), "".join(raw["train"]["text"])
 
 

@@ -186,7 +186,7 @@ def per_document_llmcli(model_dir: Path, src: Path, max_length: int, batch_size:
             one.write_text(line + "\n", encoding="utf-8")
             cfg = load_config(None, [f"model.model_name_or_path={model_dir}", f"data.validation_file={one}", "eval.per_document=true",
                                      "eval.add_bos=true", f"eval.max_length={max_length}", f"eval.batch_size={batch_size}"],
-                              check_training=False)
+                              command="eval")
             with contextlib.redirect_stdout(io.StringIO()):
                 m = evaluate.run(cfg, as_json=True, device="cpu", dtype="float32")["metrics"]
             out.append(-m["nll"] * m["tokens_scored"])
