@@ -291,8 +291,15 @@ def pick_device(device: str | None, dtype: str | None):
     return dev, torch.float32
 
 
-def _adapter_only(local: Path) -> bool:
-    return local.is_dir() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()
+def _inference_dir(path: str) -> tuple[str, bool]:
+    """Where the model to load is, and whether it is a LoRA adapter without a full model: a LoRA run
+    dir gives its merged/ model when there is one, else itself (base model + adapter)."""
+    local = Path(path)
+    if not (local.is_dir() and (local / "adapter_config.json").exists() and not (local / "config.json").exists()):
+        return path, False
+    if (local / "merged" / "config.json").exists():
+        return str(local / "merged"), False
+    return path, True
 
 
 def save_head_config(model, run_dir: Path) -> None:
@@ -308,11 +315,10 @@ def save_head_config(model, run_dir: Path) -> None:
 def inference_config(path: str, m: ModelSection):
     """The config of the model `load_for_inference(path)` loads (for a LoRA run dir: merged/, else
     the base model's config with the trained head of head_config.json)."""
-    local = Path(path)
-    if not _adapter_only(local):
+    path, adapter_only = _inference_dir(path)
+    if not adapter_only:
         return load_pretrained_config(path, m)
-    if (local / "merged" / "config.json").exists():
-        return load_pretrained_config(str(local / "merged"), m)
+    local = Path(path)
     return _adapter_model_config(local, *_read_adapter(local), m)
 
 
@@ -347,13 +353,10 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
 
     A LoRA run dir loads its merged/ model when there is one, else base model + adapter.
     """
-    local = Path(path)
-    adapter_only = _adapter_only(local)
-    if adapter_only and (local / "merged" / "config.json").exists():
-        path, local, adapter_only = str(local / "merged"), local / "merged", False
+    path, adapter_only = _inference_dir(path)
     dev, torch_dtype = pick_device(device, dtype)
     if adapter_only:
-        model, tokenizer, kind = _load_adapter(local, m, torch_dtype)
+        model, tokenizer, kind = _load_adapter(Path(path), m, torch_dtype)
     else:
         check_weights(path, m.allow_pickle)
         config = load_pretrained_config(path, m)

@@ -253,9 +253,9 @@ class GRUForCausalLM(GRUPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, past_key_values: GRUCache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """`labels` are the input ids (shifted inside, -100 ignored), as for GPT-2."""
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, output_hidden_states=kwargs.pop("output_hidden_states", None))
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, past_key_values=past_key_values,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=kwargs.pop("output_hidden_states", None))
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = None
