@@ -53,20 +53,21 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
             return run_dir.finished
         label_names = data.label_names_from(raw, modeling.user_labels(model_config)) if task == Task.CLASSIFICATION else None
         tokenizer, model, datasets, collator = training.prepare(cfg, task, fmt, raw, model_path, label_names)
+        scoring = tasks.metric_functions(task, label_names)
         if cfg.peft is not None:
             model = _add_lora(model, cfg, task, run_dir.checkpoint)
 
         def after_train(trainer) -> dict[str, Any]:
             out: dict[str, Any] = {}
             if task == Task.CLASSIFICATION and "validation" in datasets:
-                out.update(_classification_report(trainer, datasets["validation"], label_names, run_dir.path))
+                out.update(_classification_report(trainer, datasets["validation"], scoring["compute_metrics"], run_dir.path))
             if cfg.peft is not None and cfg.peft.merge and trainer.is_world_process_zero():
                 out["merged_model"] = str(_save_merged(trainer.model, tokenizer, run_dir.path))
             return out
 
         _save_head_config(model, cfg, task, run_dir.path)
         summary = training.fit(run_dir, cfg, model, tokenizer, datasets, collator, task, after_train=after_train,
-                               callbacks=callbacks, **tasks.metric_functions(task, label_names))
+                               callbacks=callbacks, **scoring)
     console.summary_table("finetune", cfg.training.output_dir, summary)
     return summary
 
@@ -161,13 +162,14 @@ def _save_merged(model, tokenizer, run_dir: Path) -> Path:
     return merged_dir
 
 
-def _classification_report(trainer, dataset, label_names: list[str], run_dir: Path) -> dict[str, Any]:
-    """Per-class metrics and the confusion matrix of the final model on the validation set."""
-    prediction = trainer.predict(dataset, metric_key_prefix="final")
-    preds = prediction.predictions
-    if preds.ndim > 1:
-        preds = preds.argmax(-1)
-    report = metrics.classification_report(prediction.label_ids, preds, label_names)
+def _classification_report(trainer, dataset, scores: metrics.TrainerMetrics, run_dir: Path) -> dict[str, Any]:
+    """Per-class metrics and the confusion matrix of the final model on the validation set. `training.fit`
+    has just evaluated the final model (or reused an evaluation at this step): its report is `scores`'
+    latest. Only when this process ran no evaluation (resumed from a checkpoint at the last step) does
+    it predict again."""
+    if scores.last_report is None:
+        trainer.predict(dataset, metric_key_prefix="final")  # its compute_metrics call fills last_report
+    report = scores.last_report
     if trainer.is_world_process_zero():
         metrics.save_confusion_matrix(report, run_dir)
     return {"eval_per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"]}

@@ -53,19 +53,23 @@ def classification_report(y_true, y_pred, label_names: list[str]) -> dict[str, A
     }
 
 
-def trainer_metrics(label_names: list[str]):
-    """compute_metrics for Trainer: the scalar metrics (Trainer prefixes them with eval_)."""
+class TrainerMetrics:
+    """compute_metrics for Trainer: the scalar metrics (Trainer prefixes them with eval_). It keeps the
+    whole report of the latest evaluation (`last_report`), so the final per-class report and confusion
+    matrix come from the final evaluation instead of a second pass over the validation set."""
 
-    def compute(eval_pred) -> dict[str, float]:
+    def __init__(self, label_names: list[str]):
+        self.label_names = label_names
+        self.last_report: dict[str, Any] | None = None
+
+    def __call__(self, eval_pred) -> dict[str, float]:
         preds, labels = eval_pred.predictions, eval_pred.label_ids
         if isinstance(preds, tuple):
             preds = preds[0]
         if preds.ndim > 1:
             preds = preds.argmax(-1)
-        report = classification_report(labels, preds, label_names)
-        return {k: report[k] for k in ("accuracy", "precision", "recall", "f1")}
-
-    return compute
+        self.last_report = classification_report(labels, preds, self.label_names)
+        return {k: self.last_report[k] for k in ("accuracy", "precision", "recall", "f1")}
 
 
 def argmax_logits(logits, labels):

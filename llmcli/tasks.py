@@ -223,4 +223,4 @@ def metric_functions(task: Task, label_names: list[str] | None) -> dict[str, Any
         return {}
     from llmcli import metrics
 
-    return {"compute_metrics": metrics.trainer_metrics(label_names), "preprocess_logits": metrics.argmax_logits}
+    return {"compute_metrics": metrics.TrainerMetrics(label_names), "preprocess_logits": metrics.argmax_logits}

@@ -279,3 +279,46 @@ def test_finetune_dry_run_and_missing_model(cli, bert_run, tmp_path):
     assert "--no-merge applies to LoRA runs" in result.stderr and not out.exists()
     result = cli("finetune", "--model", bert_run, *sets(f"data.train_file={TSV_TRAIN}", "peft=true"), "-o", out, "--no-merge", "--dry-run")
     assert "merge: false" in result.stdout
+
+
+def test_classification_report_comes_from_the_final_evaluation(bert_run, tmp_path):
+    """The per-class report and confusion matrix reuse the final evaluation's predictions: no second pass
+    over the validation set, except after a resume that evaluated nothing (then one prediction pass)."""
+    from transformers import TrainerCallback
+
+    from llmcli import finetune
+    from llmcli.config import load_config
+
+    class Passes(TrainerCallback):
+        def __init__(self):
+            self.evaluations, self.predictions = 0, 0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.evaluations += 1
+
+        def on_predict(self, args, state, control, **kwargs):
+            self.predictions += 1
+
+    def run(out, max_steps):
+        cfg = load_config(None, [f"model.model_name_or_path={bert_run}", *CLASSIFIER, f"training.max_steps={max_steps}",
+                                 f"data.train_file={FIXTURES / 'sentiment_train.jsonl'}", "data.label_column=sentiment",
+                                 f"data.validation_file={FIXTURES / 'sentiment_dev.jsonl'}", f"training.output_dir={out}"],
+                          command="finetune")
+        passes = Passes()
+        summary = finetune.run(cfg, callbacks=(passes,))
+        cm = json.loads((out / "confusion_matrix.json").read_text())["matrix"]
+        assert summary["confusion_matrix"]["matrix"] == cm and sum(map(sum, cm)) == 40
+        assert summary["eval_accuracy"] == (cm[0][0] + cm[1][1]) / 40  # the report is the final evaluation's
+        return passes
+
+    # evaluations at steps 30 and 60 (the last step: reused as the final evaluation)
+    passes = run(tmp_path / "a", 60)
+    assert (passes.evaluations, passes.predictions) == (2, 0)
+    # evaluation at step 30, then the final evaluation at step 50
+    passes = run(tmp_path / "b", 50)
+    assert (passes.evaluations, passes.predictions) == (2, 0)
+    # killed after the checkpoint of the last step, before the final save: the resumed run trains and
+    # evaluates nothing, so the report needs one prediction pass
+    (tmp_path / "a" / "summary.json").unlink()
+    passes = run(tmp_path / "a", 60)
+    assert (passes.evaluations, passes.predictions) == (0, 1)
