@@ -64,7 +64,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
         console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
     files.ensure_writable_dir(sweep_dir)
-    study = _open_study(sweep, sweep_dir, storage, list(overrides))
+    study = _open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(base))
     budget = _budget(sweep)
     command = importlib.import_module(f"llmcli.{sweep.command}")
     started = time.time()
@@ -96,22 +96,29 @@ def median_pruner(startup_trials: int, warmup_evals: int):
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals + 1)
 
 
-def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrides: list[str]):
+def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrides: list[str],
+                baseline: tuple[dict[str, Any] | None, str] = (None, "")):
+    """Create or join the study. `baseline` (`SweepConfig.baseline_params`) decides trial 0 of a new
+    study; a study keeps the decision it was created with, so every worker and rerun samples alike."""
     url = storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
     rdb = _rdb_storage(url)
     name = sweep.study_name or sweep_dir.resolve().name
     pruner = median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals) if sweep.pruner == "median" else optuna.pruners.NopPruner()
     try:
-        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep),
+        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep, None),
                                     pruner=pruner, load_if_exists=True)
     except ValueError as err:
         raise ConfigError(f"study '{name}' in {url}: {err}") from None
     # the search definition is kept in the study: a different sweep must not add trials to it
     identity = {"base": sweep.base, "command": sweep.command, "metric": sweep.metric, "direction": sweep.direction,
-                "search": {k: v.model_dump() for k, v in sweep.search.items()}, "overrides": overrides}
+                "search": {k: v.model_dump() for k, v in sweep.search.items()}, "overrides": overrides, "baseline": baseline[0]}
     stored = study.user_attrs.get("sweep")
     if stored is None:
         study.set_user_attr("sweep", identity)
+        if baseline[0] is not None:
+            console.info("trial 0 runs the base config's values: " + ", ".join(f"{k}={fmt(v)}" for k, v in baseline[0].items()))
+        elif sweep.baseline:
+            console.info(f"trial 0 is sampled: {baseline[1]}")
     else:
         for key in ("command", "metric", "direction", "search", "base"):
             before, now = stored.get(key), identity[key]
@@ -123,6 +130,7 @@ def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overri
                                   "use another --output-dir or study_name")
         if stored.get("overrides") != overrides:
             console.warn(f"the base-config overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
+    study.sampler = _sampler(sweep, (stored or identity).get("baseline"))
     done = sum(map(_counted, study.get_trials(deepcopy=False)))
     console.info(f"study '{name}' in {url}: {done} trial(s) so far")
     return study
@@ -154,30 +162,27 @@ def _rdb_storage(url: str):
 def _budget(sweep: SweepConfig) -> int | None:
     if sweep.sampler != "grid":
         return sweep.n_trials
-    size = math.prod(len(v) for v in _grid(sweep).values())
+    size = math.prod(len(v) for v in sweep.grid().values())
     if sweep.n_trials is not None and sweep.n_trials > size:
         console.info(f"the grid has {size} points: running {size} trials, not {sweep.n_trials}")
     return min(size, sweep.n_trials or size)
 
 
-def _grid(sweep: SweepConfig) -> dict[str, list]:
-    out = {}
-    for key, s in sweep.search.items():
-        if s.type == "categorical":
-            out[key] = list(s.choices)
-        elif s.type == "int":
-            out[key] = list(range(int(s.low), int(s.high) + 1, int(s.step or 1)))
-        else:
-            n = int(math.floor((s.high - s.low) / s.step + 1e-9)) + 1
-            out[key] = [round(s.low + i * s.step, 12) for i in range(n)]
-    return out
-
-
-def _sampler(sweep: SweepConfig):
+def _sampler(sweep: SweepConfig, first: dict[str, Any] | None):
+    """The sweep's sampler; `first` (the base config's point, or None) is trial 0's parameters."""
     if sweep.sampler == "grid":  # a fixed shuffle of the grid: trial N gets point N in every worker
-        return _Sampler(lambda seed: optuna.samplers.GridSampler(_grid(sweep), seed=seed), sweep.seed or 0, per_trial=False)
+
+        def grid(seed):
+            sampler = optuna.samplers.GridSampler(sweep.grid(), seed=seed)
+            if first is not None:  # the base config's point moves to the front; the others keep their order
+                point = tuple(first[name] for name in sampler._param_names)
+                sampler._all_grids.remove(point)
+                sampler._all_grids.insert(0, point)
+            return sampler
+
+        return _Sampler(grid, sweep.seed or 0, per_trial=False)
     make = optuna.samplers.TPESampler if sweep.sampler == "tpe" else optuna.samplers.RandomSampler
-    return _Sampler(lambda seed: make(seed=seed), sweep.seed, per_trial=sweep.seed is not None)
+    return _Sampler(lambda seed: make(seed=seed), sweep.seed, per_trial=sweep.seed is not None, first=first)
 
 
 def _counted(t) -> bool:
@@ -363,8 +368,8 @@ class _Sampler(BaseSampler):
     study never draw the same sequence and a rerun draws the same trials. GridSampler's after_trial
     (which stops an optimize() loop this sweep does not use) is not called."""
 
-    def __init__(self, make, seed: int | None, per_trial: bool):
-        self._make, self._seed, self._per_trial = make, seed, per_trial
+    def __init__(self, make, seed: int | None, per_trial: bool, first: dict[str, Any] | None = None):
+        self._make, self._seed, self._per_trial, self._first = make, seed, per_trial, first or {}
         self._inner = make(seed)
 
     def before_trial(self, study, trial):
@@ -373,12 +378,14 @@ class _Sampler(BaseSampler):
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
-        return self._inner.infer_relative_search_space(study, trial)
+        return {} if trial.number == 0 and self._first else self._inner.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
         return self._inner.sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
+        if trial.number == 0 and param_name in self._first:
+            return self._first[param_name]
         return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values):

@@ -3,6 +3,7 @@ checked against that config before any trial runs. Each trial's own config is a 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from llmcli.config import Section, load_config, read_yaml, suggest
+from llmcli.config import Config, Section, load_config, read_yaml, suggest
 from llmcli.errors import ConfigError
 
 
@@ -38,6 +39,7 @@ class SweepConfig(Section):
     pruner: Literal["median", "none"] = Field("median", description="median: stop a trial whose evaluation is worse than the median of earlier trials at the same evaluation.")
     pruner_startup_trials: int = Field(2, ge=0, description="median pruner: finished trials needed before any trial is pruned.")
     pruner_warmup_evals: int = Field(0, ge=0, description="median pruner: evaluations a trial always gets before it can be pruned.")
+    baseline: bool = Field(True, description="Trial 0 runs the base config's own values of the searched keys, when it sets them all inside the search space: the leaderboard shows whether the search beat it, and the pruner has a finished reference. false: trial 0 is sampled.")
     seed: int | None = Field(None, description="Sampler seed (trial N samples with seed + N): the same seed gives the same trials.")
     output_dir: str | None = Field(None, description="The sweep dir (trial-NNNN/ run dirs, study.db, leaderboard, best.yaml, plots).")
     storage: str | None = Field(None, description="Optuna RDB URL (default sqlite:///<output_dir>/study.db); share it to run several workers.")
@@ -46,6 +48,54 @@ class SweepConfig(Section):
     def base_overrides(self, sets: list[str] | tuple[str, ...] = ()) -> list[str]:
         """The overrides of every trial's base config: the file's `overrides:`, then `--set`."""
         return [param_override(k, v) for k, v in self.overrides.items()] + list(sets)
+
+
+    def grid(self) -> dict[str, list]:
+        """The grid sampler's points per key: the choices, or low..high by step."""
+        out = {}
+        for key, s in self.search.items():
+            if s.type == "categorical":
+                out[key] = list(s.choices)
+            elif s.type == "int":
+                out[key] = list(range(int(s.low), int(s.high) + 1, int(s.step or 1)))
+            else:
+                n = int(math.floor((s.high - s.low) / s.step + 1e-9)) + 1
+                out[key] = [round(s.low + i * s.step, 12) for i in range(n)]
+        return out
+
+    def baseline_params(self, base: Config) -> tuple[dict[str, Any] | None, str]:
+        """The base config's values of the searched keys, each as the search space spells it (the choice
+        or grid point it equals), or None and why not: a key the base config leaves unset, or a value
+        outside the space."""
+        if not self.baseline:
+            return None, "baseline: false"
+        values, grid = base.model_dump(), self.grid() if self.sampler == "grid" else {}
+        params = {}
+        for key, space in self.search.items():
+            node: Any = values
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                return None, f"the base config does not set {key}"
+            points = grid.get(key) or space.choices
+            if points is not None:
+                match = [p for p in points if _same_value(p, node)]
+            elif isinstance(node, (int, float)) and not isinstance(node, bool) and space.low <= node <= space.high:
+                on_step = space.step is None or abs((node - space.low) / space.step - round((node - space.low) / space.step)) < 1e-9
+                match = [int(node) if space.type == "int" else float(node)] if on_step and (space.type == "float" or node == int(node)) else []
+            else:
+                match = []
+            if not match:
+                return None, f"the base config's {key}={node!r} is outside the search space"
+            params[key] = match[0]
+        return params, ""
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: 1e-4 == 0.0001 and 32 == 32.0, but True is not 1 and "1" is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str) or a is None or b is None:
+        return type(a) is type(b) and a == b
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
 def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:

@@ -38,6 +38,7 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
     sign = -1 if sweep.direction == "maximize" else 1
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     trials.sort(key=lambda t: (order.get(t.state, 4), sign * t.value if t.value is not None else math.inf, t.number))
+    baseline = (study.user_attrs.get("sweep") or {}).get("baseline") is not None
     rows = []
     for rank, t in enumerate(trials, 1):
         run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
@@ -49,6 +50,8 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
             note = f"running in pid {t.user_attrs.get('worker_pid', '?')} on {t.user_attrs.get('worker_host', '?')}"
         elif summary.get("resumed_from") is not None:
             note = f"resumed from step {summary['resumed_from']}"
+        if baseline and t.number == 0:
+            note = "; ".join(filter(None, ["the base config", note]))
         rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
                      "global_step": summary.get("global_step"), "train_runtime_s": summary.get("train_runtime_s"),
                      "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note})

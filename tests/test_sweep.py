@@ -248,3 +248,77 @@ def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(tmp_path, warm
             break
         spared += 1
     assert spared == warmup_evals
+
+
+def test_baseline_params_are_the_base_config_point_or_say_why_not(tmp_path):
+    """`baseline: true` (the default): trial 0's parameters are the base config's values (learning_rate 3e-3,
+    batch 8, seed 0 here), each spelled as the search space spells it, or None with the reason."""
+    from llmcli.config import load_config
+
+    def baseline(search, **changes):
+        sweep = load_sweep_config(write_sweep(tmp_path, search=search, **changes))
+        return sweep.baseline_params(load_config(sweep.base, sweep.base_overrides()))
+
+    lr, batch = "training.learning_rate", "training.per_device_train_batch_size"
+    assert baseline({lr: {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}, batch: {"type": "categorical", "choices": [4, 8]}}) == (
+        {lr: 3e-3, batch: 8}, "")
+    assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}) == ({lr: 3e-3}, "")
+    assert baseline({lr: {"type": "float", "low": 1e-3, "high": 5e-3, "step": 1e-3}}, sampler="grid") == ({lr: 0.003}, "")
+    assert baseline({"training.seed": {"type": "int", "low": 0, "high": 4, "step": 2}}) == ({"training.seed": 0}, "")
+    assert baseline({"training.seed": {"type": "int", "low": 1, "high": 5, "step": 2}}) == (
+        None, "the base config's training.seed=0 is outside the search space")
+    assert baseline({lr: {"type": "float", "low": 1e-2, "high": 1e-1}}) == (
+        None, "the base config's training.learning_rate=0.003 is outside the search space")
+    assert baseline({lr: {"type": "categorical", "choices": ["0.003", 1.0e-3]}})[0] is None  # a string is not the number
+    assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2}, "training.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}) == (
+        None, "the base config does not set training.weight_decay")
+    assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2}}, baseline=False) == (None, "baseline: false")
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe"])
+def test_the_base_config_point_is_trial_0_and_the_grid_still_runs_each_point_once(tmp_path, sampler):
+    import optuna
+
+    from llmcli.config import load_config
+    from llmcli.sweep import _open_study, _suggest_param
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = {"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]},
+              "training.per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}}
+    base_point = (3e-3, 8)
+
+    def points(baseline, n):
+        sweep = load_sweep_config(write_sweep(tmp_path, search=search, sampler=sampler, baseline=baseline, n_trials=4))
+        out = tmp_path / f"sweep-{baseline}"
+        out.mkdir()
+        study = _open_study(sweep, out, None, [], sweep.baseline_params(load_config(sweep.base, sweep.base_overrides())))
+        got = []
+        for _ in range(n):
+            trial = study.ask()
+            got.append(tuple(_suggest_param(trial, k, s) for k, s in sweep.search.items()))
+            study.tell(trial, 1.0)
+        return got
+
+    with_baseline = points(True, 4)
+    assert with_baseline[0] == base_point
+    if sampler == "grid":  # seed 0 shuffles the base point to second place; the baseline moves it to the front
+        assert points(False, 4) == [(3e-3, 4), base_point, (1e-3, 8), (1e-3, 4)]
+        assert with_baseline == [base_point, (3e-3, 4), (1e-3, 8), (1e-3, 4)]  # every point once, the rest in order
+
+
+def test_baseline_trial_is_the_base_config_run(cli, tmp_path):
+    """Trial 0 of a baseline sweep is the base config's own run (same loss as `llmcli pretrain` of it, so the
+    sweep's best is never worse), marked on the leaderboard; the grid's other point is still run."""
+    sweep = write_sweep(tmp_path, search={"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}},
+                        sampler="grid", seed=1, pruner="none", n_trials=None)  # seed 1 puts 1e-3 first in the shuffle
+    out = tmp_path / "sweep"
+    result = cli("sweep", "--config", sweep)
+    assert "trial 0 runs the base config's values: training.learning_rate=0.003" in result.stderr
+    found = trials(out)
+    assert [found[n].params["training.learning_rate"] for n in (0, 1)] == [3e-3, 1e-3]
+    alone = cli("pretrain", "--config", tmp_path / "base.yaml", "-o", tmp_path / "alone")
+    assert alone.exit_code == 0
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert found[0].value == pytest.approx(summary["eval_loss"], rel=1e-6)
+    notes = {r["trial"]: r["note"] for r in read_jsonl(out / "leaderboard.jsonl")}
+    assert notes == {0: "the base config", 1: ""}
