@@ -366,7 +366,8 @@ class _PruningCallback(TrainerCallback):
 class _Sampler(BaseSampler):
     """Wraps the chosen Optuna sampler. With a seed, trial N samples with seed + N, so workers sharing a
     study never draw the same sequence and a rerun draws the same trials. GridSampler's after_trial
-    (which stops an optimize() loop this sweep does not use) is not called."""
+    (which stops an optimize() loop this sweep does not use) is not called. With `first` (tpe, random),
+    trial 0 takes those parameters: the base config's point; the grid sampler moves it to the front instead."""
 
     def __init__(self, make, seed: int | None, per_trial: bool, first: dict[str, Any] | None = None):
         self._make, self._seed, self._per_trial, self._first = make, seed, per_trial, first or {}

@@ -49,7 +49,6 @@ class SweepConfig(Section):
         """The overrides of every trial's base config: the file's `overrides:`, then `--set`."""
         return [param_override(k, v) for k, v in self.overrides.items()] + list(sets)
 
-
     def grid(self) -> dict[str, list]:
         """The grid sampler's points per key: the choices, or low..high by step."""
         out = {}

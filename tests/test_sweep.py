@@ -288,12 +288,15 @@ def test_the_base_config_point_is_trial_0_and_the_grid_still_runs_each_point_onc
     base_point = (3e-3, 8)
 
     def points(baseline, n):
+        """Trial 0..n-1's points, asked in turn by two workers: two study handles on one storage."""
         sweep = load_sweep_config(write_sweep(tmp_path, search=search, sampler=sampler, baseline=baseline, n_trials=4))
         out = tmp_path / f"sweep-{baseline}"
         out.mkdir()
-        study = _open_study(sweep, out, None, [], sweep.baseline_params(load_config(sweep.base, sweep.base_overrides())))
+        workers = [_open_study(sweep, out, None, [], sweep.baseline_params(load_config(sweep.base, sweep.base_overrides())))
+                   for _ in range(2)]
         got = []
-        for _ in range(n):
+        for i in range(n):
+            study = workers[i % 2]
             trial = study.ask()
             got.append(tuple(_suggest_param(trial, k, s) for k, s in sweep.search.items()))
             study.tell(trial, 1.0)
