@@ -79,15 +79,22 @@ class SweepConfig(Section):
             points = grid.get(key) or space.choices
             if points is not None:
                 match = [p for p in points if _same_value(p, node)]
-            elif isinstance(node, (int, float)) and not isinstance(node, bool) and space.low <= node <= space.high:
-                on_step = space.step is None or abs((node - space.low) / space.step - round((node - space.low) / space.step)) < 1e-9
-                match = [int(node) if space.type == "int" else float(node)] if on_step and (space.type == "float" or node == int(node)) else []
             else:
-                match = []
+                match = [int(node) if space.type == "int" else float(node)] if _in_range(space, node) else []
             if not match:
                 return None, f"the base config's {key}={node!r} is outside the search space"
             params[key] = match[0]
         return params, ""
+
+
+def _in_range(space: SearchParam, value: Any) -> bool:
+    """A number within low..high, on the step (if any); an integer for type int."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not space.low <= value <= space.high:
+        return False
+    if space.type == "int" and value != int(value):
+        return False
+    steps = (value - space.low) / space.step if space.step else 0.0
+    return abs(steps - round(steps)) < 1e-9
 
 
 def _same_value(a: Any, b: Any) -> bool:
