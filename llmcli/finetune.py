@@ -125,7 +125,7 @@ def _add_lora(model, cfg: Config, task: str, checkpoint: Path | None):
     if task_type is None:
         raise ConfigError(f"peft: LoRA is supported for classification, causal-lm, reward, dpo and rl, not {task}")
     modules_to_save = None
-    if task_type == TaskType.SEQ_CLS:
+    if tasks.spec(task).sequence_head:
         # peft trains and saves the head (classifier/score); layers the checkpoint did not hold (BERT's pooler
         # after masked-LM pretraining) start random too, so they are trained and saved with it, or an
         # adapter-only load would draw them afresh. A resumed run keeps what its checkpoint trained (the
@@ -149,7 +149,7 @@ def _add_lora(model, cfg: Config, task: str, checkpoint: Path | None):
 def _save_head_config(model, cfg: Config, task: str, run_dir: Path) -> None:
     """A LoRA classifier's or reward model's labels and pad token beside its adapter (head_config.json),
     written once the head is final, before training: checkpoints read their run's."""
-    if cfg.peft is not None and task in (Task.CLASSIFICATION, Task.REWARD) and is_main_process():
+    if cfg.peft is not None and tasks.spec(task).sequence_head and is_main_process():
         modeling.save_head_config(model.get_base_model(), run_dir)
 
 

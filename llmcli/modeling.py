@@ -136,7 +136,7 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
             token_id = getattr(tokenizer, attr, None)
             if token_id is not None:
                 setattr(config, attr, token_id)
-        if task in (Task.CLASSIFICATION, Task.REWARD):
+        if tasks.spec(task).sequence_head:
             _set_labels(config, REWARD_LABELS if task == Task.REWARD else label_names)
         if m.attn_implementation:
             config._attn_implementation = m.attn_implementation
@@ -149,7 +149,7 @@ def build_model(cfg: Config, task: str, tokenizer, model_path: str | None, label
     if m.config_overrides:
         _apply_overrides(config, m.config_overrides)
     kwargs = _load_kwargs(m, config=config)
-    if task in (Task.CLASSIFICATION, Task.REWARD):
+    if tasks.spec(task).sequence_head:
         _set_labels(config, REWARD_LABELS if task == Task.REWARD else label_names)
         if config.pad_token_id is None and tokenizer.pad_token_id is not None:
             config.pad_token_id = tokenizer.pad_token_id  # GPT2ForSequenceClassification finds the last non-pad token

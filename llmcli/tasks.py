@@ -47,6 +47,11 @@ class TaskSpec:
     # the head's loss is a plain batch mean that ignores Trainer's `num_items_in_batch` (training.fit)
     batch_mean_loss: bool = False
 
+    @property
+    def sequence_head(self) -> bool:
+        """A classifier head (labels in the config, a pad token to find the last token, LoRA's SEQ_CLS)."""
+        return self.auto_class == "AutoModelForSequenceClassification"
+
 
 SPECS: dict[Task, TaskSpec] = {
     Task.CAUSAL_LM: TaskSpec("AutoModelForCausalLM", is_lm=True, main_metric="eval_loss"),
