@@ -41,7 +41,7 @@ from llmcli import console, files, runs
 from llmcli.config import load_config
 from llmcli.config import suggest
 from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
-from llmcli.sweep_config import SweepConfig, param_override
+from llmcli.sweep_config import SweepConfig, move_to_front, param_override
 from llmcli.sweep_results import fmt, report, write_tables
 
 HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
@@ -64,7 +64,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
         console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
     files.ensure_writable_dir(sweep_dir)
-    study = _open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(base))
+    study = _open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(overrides))
     budget = _budget(sweep)
     command = importlib.import_module(f"llmcli.{sweep.command}")
     started = time.time()
@@ -105,7 +105,7 @@ def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overri
     name = sweep.study_name or sweep_dir.resolve().name
     pruner = median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals) if sweep.pruner == "median" else optuna.pruners.NopPruner()
     try:
-        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep, None),
+        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep, baseline[0]),
                                     pruner=pruner, load_if_exists=True)
     except ValueError as err:
         raise ConfigError(f"study '{name}' in {url}: {err}") from None
@@ -130,7 +130,10 @@ def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overri
                                   "use another --output-dir or study_name")
         if stored.get("overrides") != overrides:
             console.warn(f"the base-config overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
-    study.sampler = _sampler(sweep, (stored or identity).get("baseline"))
+        if stored.get("baseline") != baseline[0]:  # trial 0 was decided when the study was created
+            if stored.get("baseline") is None and baseline[0] is not None:
+                console.info("this study was created without a baseline: its trial 0 was sampled")
+            study.sampler = _sampler(sweep, stored.get("baseline"))
     done = sum(map(_counted, study.get_trials(deepcopy=False)))
     console.info(f"study '{name}' in {url}: {done} trial(s) so far")
     return study
@@ -174,10 +177,8 @@ def _sampler(sweep: SweepConfig, first: dict[str, Any] | None):
 
         def grid(seed):
             sampler = optuna.samplers.GridSampler(sweep.grid(), seed=seed)
-            if first is not None:  # the base config's point moves to the front; the others keep their order
-                point = tuple(first[name] for name in sampler._param_names)
-                sampler._all_grids.remove(point)
-                sampler._all_grids.insert(0, point)
+            if first is not None and not move_to_front(sampler._all_grids, sampler._param_names, first):
+                console.warn("the study's baseline point is not on this grid: trial 0 takes the grid's first point")
             return sampler
 
         return _Sampler(grid, sweep.seed or 0, per_trial=False)

@@ -62,29 +62,53 @@ class SweepConfig(Section):
                 out[key] = [round(s.low + i * s.step, 12) for i in range(n)]
         return out
 
-    def baseline_params(self, base: Config) -> tuple[dict[str, Any] | None, str]:
-        """The base config's values of the searched keys, each as the search space spells it (the choice
-        or grid point it equals), or None and why not: a key the base config leaves unset, or a value
-        outside the space."""
+    def baseline_params(self, overrides: list[str]) -> tuple[dict[str, Any] | None, str]:
+        """The base config's values of the searched keys (with every trial's `overrides`), each as the
+        search space spells it, or None and why not: a key the base config leaves unset, or a value
+        outside the space. A choice matches when a trial given it gets the base value: YAML reads
+        `1e-4` as a string, which a trial's config turns into the number."""
         if not self.baseline:
             return None, "baseline: false"
-        values, grid = base.model_dump(), self.grid() if self.sampler == "grid" else {}
+
+        def value_at(cfg: Config, key: str) -> tuple[bool, Any]:
+            node: Any = cfg.model_dump(mode="json")
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return False, None
+                node = node[part]
+            return True, node
+
+        def matches(key: str, point: Any, value: Any) -> bool:
+            if _same_value(point, value):
+                return True
+            return isinstance(point, str) and not isinstance(value, str) and _same_value(
+                value_at(load_config(self.base, [*overrides, param_override(key, point)]), key)[1], value)
+
+        base, grid = load_config(self.base, overrides), self.grid() if self.sampler == "grid" else {}
         params = {}
         for key, space in self.search.items():
-            node: Any = values
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
+            found, value = value_at(base, key)
+            if not found:
                 return None, f"the base config does not set {key}"
             points = grid.get(key) or space.choices
             if points is not None:
-                match = [p for p in points if _same_value(p, node)]
+                match = [p for p in points if matches(key, p, value)]
             else:
-                match = [int(node) if space.type == "int" else float(node)] if _in_range(space, node) else []
+                match = [int(value) if space.type == "int" else float(value)] if _in_range(space, value) else []
             if not match:
-                return None, f"the base config's {key}={node!r} is outside the search space"
+                return None, f"the base config does not set {key}" if value is None else \
+                    f"the base config's {key}={value!r} is outside the search space"
             params[key] = match[0]
         return params, ""
+
+
+def move_to_front(points: list[tuple], names: list[str], first: dict[str, Any]) -> bool:
+    """Move the grid point equal to `first` (name -> value) to the front, the others keeping their order
+    (GridSampler's seeded shuffle: trial N gets point N). False if no point equals it."""
+    at = [i for i, point in enumerate(points) if all(_same_value(v, first.get(n)) for v, n in zip(point, names))]
+    if at:
+        points.insert(0, points.pop(at[0]))
+    return bool(at)
 
 
 def _in_range(space: SearchParam, value: Any) -> bool:

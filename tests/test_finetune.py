@@ -309,7 +309,12 @@ def test_classification_report_comes_from_the_final_evaluation(bert_run, tmp_pat
         cm = json.loads((out / "confusion_matrix.json").read_text())["matrix"]
         assert summary["confusion_matrix"]["matrix"] == cm and sum(map(sum, cm)) == 40
         assert summary["eval_accuracy"] == (cm[0][0] + cm[1][1]) / 40  # the report is the final evaluation's
+        # ... and that of the saved final model, recomputed one sentence at a time (not an earlier evaluation's)
+        truth, preds = [["negative", "positive"].index(r["sentiment"]) for r in dev], _predict(out, [r["text"] for r in dev])
+        assert cm == [[sum(1 for y, p in zip(truth, preds) if (y, p) == (t, q)) for q in (0, 1)] for t in (0, 1)]
         return passes
+
+    dev = read_jsonl(FIXTURES / "sentiment_dev.jsonl")
 
     # evaluations at steps 30 and 60 (the last step: reused as the final evaluation)
     passes = run(tmp_path / "a", 60)

@@ -252,16 +252,17 @@ def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(tmp_path, warm
 
 def test_baseline_params_are_the_base_config_point_or_say_why_not(tmp_path):
     """`baseline: true` (the default): trial 0's parameters are the base config's values (learning_rate 3e-3,
-    batch 8, seed 0 here), each spelled as the search space spells it, or None with the reason."""
-    from llmcli.config import load_config
+    batch 8, seed 0, max_train_samples unset here), each spelled as the search space spells it, or None with the reason."""
 
     def baseline(search, **changes):
         sweep = load_sweep_config(write_sweep(tmp_path, search=search, **changes))
-        return sweep.baseline_params(load_config(sweep.base, sweep.base_overrides()))
+        return sweep.baseline_params(sweep.base_overrides())
 
     lr, batch = "training.learning_rate", "training.per_device_train_batch_size"
     assert baseline({lr: {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}, batch: {"type": "categorical", "choices": [4, 8]}}) == (
         {lr: 3e-3, batch: 8}, "")
+    # YAML reads 3e-3 (no dot) as a string; a trial given it gets the number, so it is the base value
+    assert baseline({lr: {"type": "categorical", "choices": ["1e-3", "3e-3"]}}) == ({lr: "3e-3"}, "")
     assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}) == ({lr: 3e-3}, "")
     assert baseline({lr: {"type": "float", "low": 1e-3, "high": 5e-3, "step": 1e-3}}, sampler="grid") == ({lr: 0.003}, "")
     assert baseline({"training.seed": {"type": "int", "low": 0, "high": 4, "step": 2}}) == ({"training.seed": 0}, "")
@@ -269,7 +270,9 @@ def test_baseline_params_are_the_base_config_point_or_say_why_not(tmp_path):
         None, "the base config's training.seed=0 is outside the search space")
     assert baseline({lr: {"type": "float", "low": 1e-2, "high": 1e-1}}) == (
         None, "the base config's training.learning_rate=0.003 is outside the search space")
-    assert baseline({lr: {"type": "categorical", "choices": ["0.003", 1.0e-3]}})[0] is None  # a string is not the number
+    assert baseline({"data.max_train_samples": {"type": "categorical", "choices": [None, 100]}}) == ({"data.max_train_samples": None}, "")
+    assert baseline({"data.max_train_samples": {"type": "categorical", "choices": [50, 100]}}) == (
+        None, "the base config does not set data.max_train_samples")
     assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2}, "training.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}) == (
         None, "the base config does not set training.weight_decay")
     assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2}}, baseline=False) == (None, "baseline: false")
@@ -277,9 +280,11 @@ def test_baseline_params_are_the_base_config_point_or_say_why_not(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["grid", "tpe"])
 def test_the_base_config_point_is_trial_0_and_the_grid_still_runs_each_point_once(tmp_path, sampler):
+    """Trials asked in turn by two workers (two study handles on one storage). The second worker's own
+    baseline decision is ignored: the study keeps the one it was created with, as does a study created
+    before baselines existed (its identity has no `baseline`)."""
     import optuna
 
-    from llmcli.config import load_config
     from llmcli.sweep import _open_study, _suggest_param
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -287,25 +292,30 @@ def test_the_base_config_point_is_trial_0_and_the_grid_still_runs_each_point_onc
               "training.per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}}
     base_point = (3e-3, 8)
 
-    def points(baseline, n):
-        """Trial 0..n-1's points, asked in turn by two workers: two study handles on one storage."""
+    def points(name, baseline, second, older=False):
+        """Trials 0-3 asked in turn by two workers; the second opens the study with its own decision `second`."""
         sweep = load_sweep_config(write_sweep(tmp_path, search=search, sampler=sampler, baseline=baseline, n_trials=4))
-        out = tmp_path / f"sweep-{baseline}"
+        out = tmp_path / name
         out.mkdir()
-        workers = [_open_study(sweep, out, None, [], sweep.baseline_params(load_config(sweep.base, sweep.base_overrides())))
-                   for _ in range(2)]
+        decided = sweep.baseline_params(sweep.base_overrides())
+        if older:  # a study an older llmcli created: its identity has no baseline
+            study = _open_study(sweep, out, None, [], (None, ""))
+            study.set_user_attr("sweep", {k: v for k, v in study.user_attrs["sweep"].items() if k != "baseline"})
+        workers = [_open_study(sweep, out, None, [], decided), _open_study(sweep, out, None, [], second)]
         got = []
-        for i in range(n):
+        for i in range(4):
             study = workers[i % 2]
             trial = study.ask()
             got.append(tuple(_suggest_param(trial, k, s) for k, s in sweep.search.items()))
             study.tell(trial, 1.0)
         return got
 
-    with_baseline = points(True, 4)
-    assert with_baseline[0] == base_point
+    other = ({"training.learning_rate": 1e-3, "training.per_device_train_batch_size": 4}, "")
+    with_baseline, without = points("with", True, (None, "")), points("without", False, other)
+    assert with_baseline[0] == base_point and without[0] != base_point
+    assert points("older", True, other, older=True) == without
     if sampler == "grid":  # seed 0 shuffles the base point to second place; the baseline moves it to the front
-        assert points(False, 4) == [(3e-3, 4), base_point, (1e-3, 8), (1e-3, 4)]
+        assert without == [(3e-3, 4), base_point, (1e-3, 8), (1e-3, 4)]
         assert with_baseline == [base_point, (3e-3, 4), (1e-3, 8), (1e-3, 4)]  # every point once, the rest in order
 
 
