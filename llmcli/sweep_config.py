@@ -88,14 +88,14 @@ class SweepConfig(Section):
         params = {}
         for key, space in self.search.items():
             found, value = value_at(base, key)
-            if not found:
-                return None, f"the base config does not set {key}"
             points = grid.get(key) or space.choices
-            if points is not None:
+            if not found:
+                match = []
+            elif points is not None:
                 match = [p for p in points if matches(key, p, value)]
             else:
                 match = [int(value) if space.type == "int" else float(value)] if _in_range(space, value) else []
-            if not match:
+            if not match:  # an absent key reads as None: not set
                 return None, f"the base config does not set {key}" if value is None else \
                     f"the base config's {key}={value!r} is outside the search space"
             params[key] = match[0]

@@ -26,11 +26,11 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple
 
 # The outputs' cache field: `cache` from Transformers 5.24 (which passes `cache=` to forward), `past_key_values` before
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils.generic import can_return_tuple
 
 
 @strict
