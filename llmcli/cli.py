@@ -89,7 +89,7 @@ def _invoke(fn: Callable[[], object], quiet: bool, debug: bool, on_exit: Callabl
         console.error(f"{type(err).__name__}: {first} (rerun with --debug for the traceback)")
     finally:
         if os.environ.get("LLMCLI_EXIT_FILE"):  # a worker of `--num-processes`: tell the parent how it ended
-            from llmcli.launch import write_exit_code
+            from llmcli.train.launch import write_exit_code
 
             write_exit_code(code)
         if on_exit is not None:
@@ -121,8 +121,8 @@ def _train_command(command: str, config, sets, output_dir, resume, overwrite, dr
     run: dict = {}
 
     def body():
-        from llmcli import finetune, launch, pretrain
         from llmcli.config import load_config
+        from llmcli.train import finetune, launch, pretrain
 
         module = {"pretrain": pretrain, "finetune": finetune}[command]
         cfg = load_config(config, list(sets or []), command=command,
@@ -143,7 +143,7 @@ def _train_command(command: str, config, sets, output_dir, resume, overwrite, dr
 
         status = {0: "finished", EXIT_SIGINT: "interrupted", EXIT_SIGTERM: "interrupted", EXIT_FAILURE: "failed"}.get(code)
         if quiet and run.get("dir") and status and is_main_process():
-            from llmcli.runinfo import final_line as line
+            from llmcli.report.runinfo import final_line as line
 
             print(line(command, run["dir"], status, run.get("summary")), file=sys.stderr, flush=True)
 
@@ -197,8 +197,8 @@ def generate(
     """Generate text from a trained model (or label text with a classifier); prompts from flags, files or stdin."""
 
     def body():
-        from llmcli import generate as gen
         from llmcli.config import load_config
+        from llmcli.generate import generate as gen
 
         flags = {
             "model.model_name_or_path": model, "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
@@ -239,8 +239,8 @@ def eval_(
     """Evaluate a model: perplexity and bits per byte for LMs, accuracy/precision/recall/F1 for classifiers."""
 
     def body():
-        from llmcli import launch
         from llmcli.config import load_config
+        from llmcli.train import launch
 
         flags = {
             "model.model_name_or_path": model, "data.validation_file": data, "data.dataset_name": dataset,
@@ -257,7 +257,7 @@ def eval_(
         cfg = load_config(config, sets, command="eval", values=_flag_values(flags))
         if launch.wanted(cfg):
             raise typer.Exit(launch.relaunch(cfg))  # before torch is imported: the launcher stays light
-        from llmcli import evaluate
+        from llmcli.evaluate import evaluate
 
         evaluate.run(cfg, checkpoint=checkpoint, as_json=json_, output_path=output, errors_path=errors, device=device, dtype=dtype)
 
@@ -277,7 +277,7 @@ def report(
     """Compare training runs: model, size, steps, tokens, time, final/best metrics and status (no torch needed)."""
 
     def body():
-        from llmcli import report as rep
+        from llmcli.report import report as rep
 
         code = rep.run(runs, as_json=json_, plot=plot, watch=watch, interval=interval, output=output)
         if code:
@@ -298,10 +298,10 @@ def sweep(
     """Search hyper-parameters with Optuna; every trial is an ordinary, resumable finetune/pretrain run."""
 
     def body():
-        from llmcli.sweep_config import load_sweep_config
+        from llmcli.sweep.schema import load_sweep_config
 
         spec = load_sweep_config(config, list(set_ or []))
-        from llmcli import sweep as sweep_module
+        from llmcli.sweep import sweep as sweep_module
 
         sweep_module.run(spec, overrides=list(set_ or []), output_dir=output_dir, storage=storage, as_json=json_)
 
@@ -326,7 +326,7 @@ def init(
     """Print a commented config holding every key a command reads, with its default and description."""
 
     def body():
-        from llmcli import init as init_module
+        from llmcli.report import init as init_module
 
         init_module.run(command.value, from_path=str(from_) if from_ is not None else None, output=output)
 

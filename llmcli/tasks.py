@@ -1,9 +1,10 @@
 """What a run trains: one `Task` enum, one table of what each task needs, one resolver.
 
-The task decides the model head (Auto class), the collator, the metrics and the arguments class
-its Trainer takes. `resolve_task` is the only place that works it out from the config, the model
-type and the data's columns. Stdlib-only at import: the schema uses `Task`, and `llmcli --help`
-must not load torch.
+The task decides the model head (an Auto class, named here and built by `models/heads.py`), the
+collator, the main metric and the Trainer and arguments classes. `resolve_task` is the only place
+that works it out from the config, the model's own LM objective and the data's columns. Part of the
+core, so it imports no wing; stdlib-only at import: the schema uses `Task`, and `llmcli --help` must
+not load torch.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class TaskSpec:
     args_class: str = "transformers:TrainingArguments"  # the Trainer's arguments class (checks `training:` keys)
     trainer_class: str = "transformers:Trainer"
     commands: tuple[str, ...] = ("pretrain", "finetune")
-    # the head's loss is a plain batch mean that ignores Trainer's `num_items_in_batch` (training.fit)
+    # the head's loss is a plain batch mean that ignores Trainer's `num_items_in_batch` (train/fit.py)
     batch_mean_loss: bool = False
 
     @property
@@ -96,15 +97,6 @@ def callback_class(ref: str) -> type:
     return cls
 
 
-def auto_class(task: Task):
-    import transformers
-
-    from llmcli import models
-
-    models.register()
-    return getattr(transformers, spec(task).auto_class)
-
-
 def args_class(task: Task | str):
     return _trl_checked(task, spec(task).args_class) if task != "auto" else load_object("transformers:TrainingArguments")
 
@@ -127,9 +119,11 @@ def _trl_checked(task, ref: str):
 # Resolving the task
 
 
-def resolve_task(requested: str, command: str, model_type: str, columns: Callable[[], list[str]] | None = None,
+def resolve_task(requested: str, command: str, lm_task: Callable[[], Task], columns: Callable[[], list[str]] | None = None,
                  prompt_columns_set: bool = False, label_column_set: bool = False) -> tuple[Task, DataFormat]:
-    """(task, data format) for a run. `columns()` lists the training data's columns (read only when needed)."""
+    """(task, data format) for a run. `lm_task()` is the model's own LM objective
+    (`models.heads.default_lm_task`), `columns()` lists the training data's columns; each is asked
+    only when needed."""
     if requested != "auto":
         task = Task(requested)
         if command not in spec(task).commands:
@@ -137,7 +131,7 @@ def resolve_task(requested: str, command: str, model_type: str, columns: Callabl
     elif command == "finetune" and (label_column_set or (not prompt_columns_set and _has_label_column(columns))):
         task = Task.CLASSIFICATION
     else:
-        task = default_lm_task(model_type)
+        task = lm_task()
     return task, _data_format(task, command, columns, prompt_columns_set)
 
 
@@ -156,48 +150,6 @@ def _data_format(task: Task, command: str, columns, prompt_columns_set: bool) ->
         if prompt_columns_set or (columns is not None and {"prompt", "completion"} <= set(columns())):
             return DataFormat.PROMPT_COMPLETION
     return DataFormat.TEXT
-
-
-def default_lm_task(model_type: str) -> Task:
-    """The LM objective a model type trains with: its own declaration (llmcli.models), else causal
-    when Transformers has a causal-LM head for it, else masked. An unknown type is a config error."""
-    from llmcli import models
-
-    if model_type in models.CUSTOM_MODELS:
-        return Task(models.CUSTOM_MODELS[model_type])
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return Task.CAUSAL_LM
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return Task.MASKED_LM
-    if model_type in CONFIG_MAPPING_NAMES:
-        raise ConfigError(f"model.model_type: '{model_type}' has no causal-LM or masked-LM head; set task: "
-                          f"({', '.join(t.value for t in Task)}) or pick another model type")
-    known = sorted(set(models.CUSTOM_MODELS) | {"gpt2", "bert", "llama", "roberta", "gpt_neox", "qwen2"})
-    raise ConfigError(f"model.model_type: unknown model type '{model_type}' (e.g. {', '.join(known)}; "
-                      "llmcli.models lists llmcli's own architectures); task: one of auto, "
-                      f"{', '.join(t.value for t in Task)}")
-
-
-def task_of_model(config) -> Task:
-    """The task a saved model was trained for, from its recorded architecture (a reward model is a
-    one-output sequence classifier: `classification` here, told apart by `is_reward_model`)."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return Task.CLASSIFICATION
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        return Task.MASKED_LM
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return Task.CAUSAL_LM
-    return default_lm_task(config.model_type)
-
-
-def is_reward_model(config) -> bool:
-    """A sequence classifier with one output: a reward model (`task: reward`), scored by its logit."""
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForSequenceClassification") for a in archs) and getattr(config, "num_labels", 2) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,12 +172,3 @@ def collator(task: Task, fmt: DataFormat, tokenizer, mlm_probability: float):
     if task == Task.MASKED_LM:
         return transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
     return transformers.default_data_collator
-
-
-def metric_functions(task: Task, label_names: list[str] | None) -> dict[str, Any]:
-    """compute_metrics / preprocess_logits for the Trainer (classification); LMs report perplexity from the loss."""
-    if task != Task.CLASSIFICATION:
-        return {}
-    from llmcli import metrics
-
-    return {"compute_metrics": metrics.TrainerMetrics(label_names), "preprocess_logits": metrics.argmax_logits}

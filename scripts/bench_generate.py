@@ -35,9 +35,9 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from llmcli import generate
+    from llmcli.generate import generate
     from llmcli.config import load_config
-    from llmcli.prompts import read_prompts
+    from llmcli.generate.prompts import read_prompts
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.bpe)

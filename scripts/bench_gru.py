@@ -78,9 +78,9 @@ def generation(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import llmcli.models
-    from llmcli import generate
+    from llmcli.generate import generate
     from llmcli.config import load_config
-    from llmcli.prompts import Prompt
+    from llmcli.generate.prompts import Prompt
 
     llmcli.models.register()
     if args.threads:
@@ -264,7 +264,7 @@ def _llmcli(args, *cli_args: str) -> str:
 def _split(config_path: Path) -> tuple[str, str]:
     """The held-out and training text exactly as `llmcli pretrain` splits them."""
     from llmcli.config import load_config
-    from llmcli.sources import RawData
+    from llmcli.data.sources import RawData
 
     cfg = load_config(config_path)
     raw = RawData(cfg.data, cfg.training.seed).splits

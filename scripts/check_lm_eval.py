@@ -175,7 +175,8 @@ def per_document_llmcli(model_dir: Path, src: Path, max_length: int, batch_size:
     import io
 
     sys.path.insert(0, str(HERE.parent))
-    from llmcli import console, evaluate
+    from llmcli import console
+    from llmcli.evaluate import evaluate
     from llmcli.config import load_config
 
     console.configure(quiet=True)

@@ -17,6 +17,15 @@ from transformers import TrainerCallback
 CALLBACK = "training.callbacks=[hooks:TestHooks]"
 
 
+def hook_env(marker: Path | None = None, **hooks) -> dict[str, str]:
+    """The environment of a CLI subprocess that loads TestHooks: this folder importable, HOOK_* set."""
+    env = {**os.environ, **{f"HOOK_{k}": str(v) for k, v in hooks.items()},
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+    if marker is not None:
+        env["HOOK_MARKER"] = str(marker)
+    return env
+
+
 def _setting(name: str) -> int:
     return int(os.environ.get(f"HOOK_{name}", "0"))
 

@@ -5,7 +5,14 @@ import pytest
 from conftest import FIXTURES, TINY_GPT2, sets
 from llmcli.config import load_config
 from llmcli.errors import ConfigError
-from llmcli.tasks import DataFormat, Task, resolve_task, task_of_model
+from llmcli.models.heads import default_lm_task, task_of_model
+from llmcli.tasks import DataFormat, Task
+from llmcli.tasks import resolve_task as resolve
+
+
+def resolve_task(requested, command, model_type, *rest):
+    """The resolver as the commands call it: the model type's own LM objective asked lazily."""
+    return resolve(requested, command, lambda: default_lm_task(model_type), *rest)
 
 
 @pytest.mark.parametrize(
@@ -30,12 +37,15 @@ def test_resolve_task(requested, command, model_type, columns, prompt_set, label
     assert resolve_task(requested, command, model_type, read, prompt_set, label_set) == expected
 
 
-def test_resolve_task_reads_columns_only_when_needed():
+def test_resolve_task_reads_columns_and_the_model_only_when_needed():
     def boom():
         raise AssertionError("columns read")
 
     assert resolve_task("classification", "finetune", "bert", boom) == (Task.CLASSIFICATION, DataFormat.LABELLED)
     assert resolve_task("auto", "pretrain", "gpt2", boom) == (Task.CAUSAL_LM, DataFormat.TEXT)
+    # the model's LM objective is asked only for task: auto without labels
+    assert resolve("classification", "finetune", boom, lambda: ["text", "label"]) == (Task.CLASSIFICATION, DataFormat.LABELLED)
+    assert resolve("auto", "finetune", boom, lambda: ["text", "label"]) == (Task.CLASSIFICATION, DataFormat.LABELLED)
 
 
 def test_unknown_model_type_and_wrong_command_are_config_errors():

@@ -1,0 +1,191 @@
+"""Learning from feedback: what `task: reward`, `task: dpo` and `task: rl` add to `llmcli finetune`.
+
+    llmcli finetune --config configs/reward-reviews.yaml      # pairwise reward model (TRL RewardTrainer)
+    llmcli finetune --config configs/dpo.yaml                 # DPO of a causal LM (TRL DPOTrainer)
+    llmcli finetune --config configs/rl-positive-reviews.yaml # GRPO against a reward (TRL GRPOTrainer)
+
+Each task trains with a TRL trainer through `train/fit.py`, so it gets every llmcli guarantee (run
+dir, staged checkpoints, resume, signals, lock, NaN guard). This module supplies what differs:
+- `check_config`: the `reward:` section and the `training:` defaults these trainers need
+  (gradient checkpointing off; rl samples with the `generation:` settings);
+- `Setup`: per-task trainer arguments and what `summary.json` gains (rl: reward, KL to the
+  reference and the reference's perplexity of samples before and after; reward: preference accuracy).
+The rows come from `data/preferences.py`, the reward and the before/after measurement from `rewards.py`,
+scoring a reward model from `evaluate/scoring.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmcli import console
+from llmcli.config import Config, TrainingSection
+from llmcli.errors import ConfigError
+from llmcli.evaluate.scoring import Scorer, preference_accuracy
+from llmcli.feedback.rewards import FunctionReward, check_reward_model, policy_eval, reward_function
+from llmcli.tasks import FEEDBACK_TASKS, Task
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+def check_config(cfg: Config, task: Task) -> None:
+    """Check `reward:` against the task and set the `training:` values these trainers need (before
+    the run dir records the config, so config.yaml holds what actually ran)."""
+    if task != Task.RL:
+        if cfg.reward is not None:
+            raise ConfigError(f"config section 'reward' is read only by task: rl (this run is task: {task}); remove it")
+        if task not in FEEDBACK_TASKS:
+            return
+    else:
+        _check_reward_section(cfg)
+    explicit = set(cfg.training.model_extra or {})
+    updates: dict[str, Any] = {}
+    if "gradient_checkpointing" not in explicit:
+        updates["gradient_checkpointing"] = False  # TRL's configs default it on: ~25% slower, only saves memory
+    if task == Task.RL:
+        if "disable_dropout" not in explicit:
+            updates["disable_dropout"] = True  # as DPO's default: sampling, policy and reference log-probs agree
+        updates.update(_sampling_arguments(cfg, explicit))
+    if updates:
+        cfg.training = TrainingSection.model_validate({**cfg.training.model_dump(), **updates})
+
+
+def _check_reward_section(cfg: Config) -> None:
+    r = cfg.reward
+    if r is None or (r.model is None) == (r.function is None):
+        raise ConfigError("task: rl needs a reward: set reward.model (a classifier run dir with reward.label, or a "
+                          "reward-model run dir) or reward.function (module:function)")
+    if r.function is not None and r.label is not None:
+        raise ConfigError("reward.label goes with reward.model (a classifier), not reward.function")
+    if r.function is not None:
+        FunctionReward(r.function)  # importable and callable, before the run dir is touched
+    else:
+        check_reward_model(r.model, r.label, cfg.model)
+
+
+# `generation:` key -> GRPOConfig field; GRPO samples with these, so they are set in one place only
+SAMPLING = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty"}
+
+
+def _sampling_arguments(cfg: Config, explicit: set[str]) -> dict[str, Any]:
+    g = cfg.generation
+    for key, gen_key in SAMPLING.items():
+        if key in explicit:
+            raise ConfigError(f"training.{key}: task rl samples with generation.{gen_key}; set it there")
+    if "generation_kwargs" in explicit:
+        raise ConfigError("training.generation_kwargs: task rl takes its sampling settings from the generation: section")
+    if g.temperature == 0 or g.do_sample is False:
+        raise ConfigError("task rl samples its completions: generation.temperature must be > 0 and do_sample not false")
+    if g.stop:
+        raise ConfigError("generation.stop: not supported by task rl (completions end at EOS or max_new_tokens)")
+    if "num_return_sequences" in g.model_fields_set and g.num_return_sequences != 1:
+        raise ConfigError("generation.num_return_sequences: task rl samples training.num_generations completions per prompt; set that instead")
+    out: dict[str, Any] = {"temperature": g.temperature, "top_k": g.top_k or 0, "top_p": g.top_p or 1.0,
+                           "repetition_penalty": g.repetition_penalty or 1.0}
+    if "max_completion_length" in explicit:
+        wanted = cfg.training.model_extra["max_completion_length"]
+        if "max_new_tokens" in g.model_fields_set and wanted != g.max_new_tokens:
+            raise ConfigError(f"training.max_completion_length={wanted} and generation.max_new_tokens={g.max_new_tokens} "
+                              "disagree; set one of them")
+        if wanted is not None and wanted < g.min_new_tokens:
+            raise ConfigError(f"generation.min_new_tokens={g.min_new_tokens} exceeds training.max_completion_length={wanted}")
+    else:
+        out["max_completion_length"] = g.max_new_tokens
+    if g.min_new_tokens > g.max_new_tokens:
+        raise ConfigError(f"generation.min_new_tokens={g.min_new_tokens} exceeds generation.max_new_tokens={g.max_new_tokens}")
+    if g.min_new_tokens:
+        out["generation_kwargs"] = {"min_new_tokens": g.min_new_tokens}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-task trainer setup
+
+
+@dataclass
+class Setup:
+    """What `fit` needs beyond the model: the datasets it trains/evaluates on, the trainer's extra
+    arguments, and `after_train` entries for summary.json."""
+
+    datasets: Any
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    after_train: Callable[[Any], dict[str, Any]] | None = None
+
+
+def setup(task: Task, cfg: Config, model, tokenizer, rows, model_path: str, run_path: Path) -> Setup:
+    if task == Task.REWARD:
+        return _setup_reward(cfg, model, tokenizer, rows)
+    if task == Task.DPO:
+        return Setup(rows)
+    return _setup_rl(cfg, model, tokenizer, rows, model_path, run_path)
+
+
+def _setup_reward(cfg: Config, model, tokenizer, rows) -> Setup:
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token  # BERT-style: TRL ends each response with the EOS token
+    if tokenizer.pad_token is None:
+        raise ConfigError("task: reward needs a tokenizer with a pad (or EOS) token")
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    def after_train(trainer) -> dict[str, Any]:
+        if "validation" not in rows:
+            return {}
+        scorer = Scorer(trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.args.per_device_eval_batch_size)
+        return preference_accuracy(scorer, rows["validation"])
+
+    return Setup(rows, after_train=after_train)
+
+
+def _setup_rl(cfg: Config, model, tokenizer, rows, model_path: str, run_path: Path) -> Setup:
+    from datasets import DatasetDict
+
+    reward = reward_function(cfg)
+    eval_prompts = list(rows["validation"]["prompt"]) if "validation" in rows else []
+    strategy = str(cfg.training.model_extra.get("eval_strategy", "no"))
+    periodic_eval = strategy not in ("no", "IntervalStrategy.NO")
+    # GRPO evaluates by sampling num_generations per prompt; without periodic evaluation the eval
+    # prompts serve only summary.json's before/after numbers (one pass each, below)
+    fit_rows = rows if periodic_eval else DatasetDict(train=rows["train"])
+    s = Setup(fit_rows, trainer_kwargs={"reward_funcs": [reward]})
+    if not eval_prompts:
+        console.warn("task rl: no eval prompts (data.validation_file or validation_split_percentage > 0): "
+                      "summary.json gets no reward_before / reward_after")
+        return s
+    r = cfg.reward
+    before = policy_eval(model, tokenizer, eval_prompts, reward, cfg.generation, r.eval_samples, cfg.training.seed,
+                         ref_model=None, out_path=run_path / "samples_before.jsonl")
+    s.summary = {f"{k}_before": v for k, v in before.items()}
+    console.info(f"reward on {len(eval_prompts)} eval prompts before training: {before['reward']:.4f}")
+
+    def after_train(trainer) -> dict[str, Any]:
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        after = policy_eval(policy, tokenizer, eval_prompts, reward, cfg.generation, r.eval_samples, cfg.training.seed,
+                            ref_model=_reference(policy, model_path), out_path=run_path / "samples_after.jsonl")
+        console.info(f"reward on {len(eval_prompts)} eval prompts: {before['reward']:.4f} before, {after['reward']:.4f} after")
+        return {**s.summary, **{f"{k}_after": v for k, v in after.items()}}
+
+    s.after_train = after_train
+    return s
+
+
+def _reference(policy, model_path: str):
+    """The starting model, for the KL and the perplexity of samples after training: the LoRA base
+    (adapters disabled), or the start loaded again."""
+    if hasattr(policy, "disable_adapter"):
+        return _AdapterOff(policy)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=policy.dtype).to(policy.device).eval()
+
+
+class _AdapterOff:
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def __call__(self, **kw):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kw)

@@ -1,0 +1,178 @@
+"""A sweep's results, written by whichever worker finishes a trial or the study: the leaderboard
+(leaderboard.jsonl, leaderboard.csv, printed), best.yaml and Optuna's plots in the sweep dir."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from llmcli import console, files, layout
+from llmcli.config import load_config
+from llmcli.errors import ConfigError
+from llmcli.sweep.schema import SweepConfig, param_override
+
+
+def report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[str, Any]:
+    rows = write_tables(study, sweep, sweep_dir)
+    best = _write_best(study, sweep, sweep_dir)
+    _plots(study, sweep, sweep_dir)
+    if as_json:
+        print(json.dumps(best or {}, default=files.json_default))
+    else:
+        _print_leaderboard(rows, sweep)
+        if best:
+            console.info(f"best: trial {best['trial']} {sweep.metric} {fmt(best['value'])}; config {best['config']}")
+    return best or {}
+
+
+def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+    order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 2, TrialState.FAIL: 3}
+    sign = -1 if sweep.direction == "maximize" else 1
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    trials.sort(key=lambda t: (order.get(t.state, 4), sign * t.value if t.value is not None else math.inf, t.number))
+    baseline = (study.user_attrs.get("sweep") or {}).get("baseline") is not None
+    rows = []
+    for rank, t in enumerate(trials, 1):
+        run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
+        summary = layout.read_summary(run_dir) or {}
+        note = t.user_attrs.get("error", "")
+        if t.state == TrialState.PRUNED:
+            note = f"pruned at evaluation {t.user_attrs.get('pruned_at_eval', '?')}"
+        elif t.state == TrialState.RUNNING:
+            note = f"running in pid {t.user_attrs.get('worker_pid', '?')} on {t.user_attrs.get('worker_host', '?')}"
+        elif summary.get("resumed_from") is not None:
+            note = f"resumed from step {summary['resumed_from']}"
+        if baseline and t.number == 0:
+            note = "; ".join(filter(None, ["the base config", note]))
+        rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
+                     "global_step": summary.get("global_step"), "train_runtime_s": summary.get("train_runtime_s"),
+                     "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note})
+    return rows
+
+
+def write_tables(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = _leaderboard(study, sweep, sweep_dir)
+    files.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=files.json_default) + "\n" for r in rows))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rank", "trial", "state", sweep.metric, *sweep.search, "global_step", "train_runtime_s", "run_dir", "note"])
+    for r in rows:
+        writer.writerow([r["rank"], r["trial"], r["state"], r[sweep.metric], *(r["params"].get(k) for k in sweep.search),
+                         r["global_step"], r["train_runtime_s"], r["run_dir"], r["note"]])
+    files.atomic_write_text(sweep_dir / "leaderboard.csv", buf.getvalue())
+    return rows
+
+
+def _write_best(study, sweep: SweepConfig, sweep_dir: Path) -> dict[str, Any] | None:
+    """best.yaml: the winning trial's resolved config, with output_dir moved to <sweep>/best so that
+    `llmcli <command> --config best.yaml` trains it afresh rather than resuming the trial's own dir."""
+    from llmcli.config import dump_resolved
+
+    try:
+        best = study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        console.warn("no trial has completed: no best.yaml")
+        return None
+    run_dir = sweep_dir / f"trial-{best.number:04d}"
+    path = sweep_dir / "best.yaml"
+    try:
+        cfg = load_config(run_dir / "config.yaml", [param_override("training.output_dir", str(sweep_dir / "best"))])
+    except ConfigError as err:  # e.g. the trial ran on another machine whose sweep dir is not shared
+        console.warn(f"best.yaml not written: {err}")
+    else:
+        dump_resolved(cfg, path, {"best trial": f"{best.number} of {sweep_dir} ({sweep.metric} {best.value})",
+                                  "trial run dir": str(run_dir), "run": f"llmcli {sweep.command} --config {path}"})
+    return {"trial": best.number, "metric": sweep.metric, "value": best.value, "direction": sweep.direction,
+            "params": dict(best.params), "run_dir": str(run_dir), "config": str(path), "study": study.study_name}
+
+
+def _plots(study, sweep: SweepConfig, sweep_dir: Path) -> None:
+    """PNG plots with optuna.visualization.matplotlib; a plot Optuna cannot draw is skipped with a warning."""
+    import warnings
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as vis
+    except ImportError:
+        console.warn("plots skipped: they need matplotlib (pip install 'llmcli[plot]')")
+        return
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return
+    # a parameter with one value among the completed trials gives an empty contour and no importance
+    varying = [k for k in sweep.search if len({repr(t.params.get(k)) for t in complete}) >= 2]
+    jobs = {"optimization_history.png": lambda: vis.plot_optimization_history(study, target_name=sweep.metric)}
+    top = varying[:2]
+    if len(varying) >= 2 and len(complete) >= 3:
+        try:
+            top = [k for k in optuna.importance.get_param_importances(study, params=varying)][:2]
+            jobs["param_importances.png"] = lambda: vis.plot_param_importances(study, params=varying, target_name=sweep.metric)
+        except Exception as err:
+            console.warn(f"param_importances.png skipped: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    elif len(sweep.search) >= 2:
+        console.warn("param_importances.png skipped: it needs 3 completed trials and 2 parameters that vary among them")
+    if len(top) == 2:
+        jobs["contour.png"] = lambda: vis.plot_contour(study, params=top, target_name=sweep.metric)
+    elif len(sweep.search) >= 2:
+        console.warn("contour.png skipped: it needs 2 parameters that vary among the completed trials")
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its own warnings repeat what is said here
+    for name, draw in jobs.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw()
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(8, 6)
+            tmp = sweep_dir / f".{name}.{os.getpid()}.tmp"
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            os.replace(tmp, sweep_dir / name)
+            plt.close(fig)
+        except Exception as err:
+            console.warn(f"{name} skipped: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    optuna.logging.set_verbosity(previous)
+
+
+def _print_leaderboard(rows: list[dict[str, Any]], sweep: SweepConfig) -> None:
+    if console.quiet():
+        return
+    import sys
+
+    header = ["rank", "trial", "state", sweep.metric, *(k.rsplit(".", 1)[-1] for k in sweep.search), "steps", "note"]
+    body = [[str(r["rank"]), str(r["trial"]), r["state"].lower(), fmt(r[sweep.metric]),
+             *(fmt(r["params"].get(k)) for k in sweep.search), fmt(r["global_step"]), r["note"][:60]] for r in rows]
+    title = f"sweep leaderboard ({sweep.direction} {sweep.metric})"
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in header:
+            table.add_column(h, justify="left" if h in ("state", "note") else "right")
+        for line in body:
+            table.add_row(*line)
+        Console().print(table)
+        return
+    widths = [max(len(h), *(len(line[i]) for line in body)) if body else len(h) for i, h in enumerate(header)]
+    print(title)
+    for line in [header, *body]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    sys.stdout.flush()
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return console.format_value(value)

@@ -1,0 +1,398 @@
+"""`llmcli sweep`: a hyper-parameter search in which every trial is an ordinary, resumable run.
+
+    llmcli sweep --config configs/sweep-sst2-minilm.yaml --set model.model_name_or_path="$(python scripts/minilm_path.py)"
+    llmcli sweep --config sweep.yaml --storage postgresql://host/db    # the same command on each machine: one study
+
+The state is an Optuna study in a database (`<sweep>/study.db`, or any `--storage` URL): trial
+numbers, parameters, reported evaluations and outcomes. Each trial `N` is the run dir
+`<sweep>/trial-NNNN/`, produced by `llmcli.<command>.run` (the code path of `llmcli finetune` /
+`pretrain`), with the trial's parameters applied as `--set` overrides on the base config. A
+TrainerCallback reports the metric at each evaluation and stops a trial the pruner rejects.
+
+Rules that make it reboot-safe and multi-worker:
+- A trial records its worker (host, boot id, pid) and a heartbeat as user attributes. A RUNNING
+  trial whose worker is gone (same host: pid dead or machine rebooted; another host: no heartbeat for
+  STALE_AFTER_S) is put back to WAITING; `study.ask()` claims WAITING trials atomically (Optuna's
+  own trial queue), so exactly one worker re-attaches it, with its number and parameters, and its run
+  resumes from the newest checkpoint.
+- The sweep dir has no lock of its own, since several workers share it: each trial dir is locked by
+  its run (`.llmcli.lock`), and the sweep-level files are replaced atomically by whoever writes last.
+- `n_trials` counts COMPLETE, PRUNED, RUNNING and WAITING trials and diverged (NaN-loss) failures, over
+  all workers; a trial created past it by a racing worker is marked FAIL ("surplus") and not run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.samplers import BaseSampler, GridSampler
+from optuna.trial import TrialState
+from transformers import TrainerCallback
+
+from llmcli import console, files, layout
+from llmcli.config import load_config, suggest
+from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
+from llmcli.sweep.results import fmt, report, write_tables
+from llmcli.sweep.schema import SweepConfig, move_to_front, param_override
+from llmcli.train import rundir
+
+HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
+STALE_AFTER_S = 300  # a trial of another host with no heartbeat for this long is taken over
+
+
+def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
+        storage: str | None = None, as_json: bool = False) -> dict[str, Any]:
+    """Run trials until the study holds `n_trials` (or `timeout` passes), then write the reports.
+    Returns the best trial as a dict (printed with `--json`)."""
+    if not console.debug():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir = Path(output_dir or sweep.output_dir or "")
+    if not (output_dir or sweep.output_dir):
+        raise ConfigError("the sweep needs an output dir: set output_dir in the sweep file or pass --output-dir")
+    overrides = sweep.base_overrides(overrides)
+    base = load_config(sweep.base, overrides)
+    if base.launch.num_processes > 1 or base.launch.config_file or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a sweep runs each trial in its own process: leave launch.num_processes at 1 and start one `llmcli sweep` per GPU instead")
+    if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
+        console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
+    files.ensure_writable_dir(sweep_dir)
+    study = _open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(overrides))
+    budget = _budget(sweep)
+    command = importlib.import_module(f"llmcli.train.{sweep.command}")
+    started = time.time()
+    while sweep.timeout is None or time.time() - started < sweep.timeout:
+        _requeue_orphans(study)
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if budget is not None and sum(map(_counted, trials)) >= budget and not waiting:
+            break
+        trial = study.ask()
+        adopted = "worker_host" in trial.user_attrs
+        if not adopted and budget is not None:
+            ahead = sum(_counted(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+            if ahead >= budget:  # another worker took the last slot at the same moment
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+        _run_trial(study, trial, sweep, list(overrides), sweep_dir, command, budget)
+    return report(study, sweep, sweep_dir, as_json)
+
+
+# --------------------------------------------------------------------------------------------
+# The study
+
+
+def median_pruner(startup_trials: int, warmup_evals: int):
+    """Optuna's median pruner as the sweep file means it. Trials report evaluation 1, 2, ... and Optuna
+    may prune at any step >= n_warmup_steps, so sparing the first `warmup_evals` takes warmup_evals + 1."""
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals + 1)
+
+
+def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrides: list[str],
+                baseline: tuple[dict[str, Any] | None, str] = (None, "")):
+    """Create or join the study. `baseline` (`SweepConfig.baseline_params`) decides trial 0 of a new
+    study; a study keeps the decision it was created with, so every worker and rerun samples alike."""
+    url = storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
+    rdb = _rdb_storage(url)
+    name = sweep.study_name or sweep_dir.resolve().name
+    pruner = median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals) if sweep.pruner == "median" else optuna.pruners.NopPruner()
+    try:
+        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep, baseline[0]),
+                                    pruner=pruner, load_if_exists=True)
+    except ValueError as err:
+        raise ConfigError(f"study '{name}' in {url}: {err}") from None
+    # the search definition is kept in the study: a different sweep must not add trials to it
+    identity = {"base": sweep.base, "command": sweep.command, "metric": sweep.metric, "direction": sweep.direction,
+                "search": {k: v.model_dump() for k, v in sweep.search.items()}, "overrides": overrides, "baseline": baseline[0]}
+    stored = study.user_attrs.get("sweep")
+    if stored is None:
+        study.set_user_attr("sweep", identity)
+        if baseline[0] is not None:
+            console.info("trial 0 runs the base config's values: " + ", ".join(f"{k}={fmt(v)}" for k, v in baseline[0].items()))
+        elif sweep.baseline:
+            console.info(f"trial 0 is sampled: {baseline[1]}")
+    else:
+        for key in ("command", "metric", "direction", "search", "base"):
+            before, now = stored.get(key), identity[key]
+            if before != now:
+                if key == "search":  # name the first search key that differs
+                    key = next(f"search.{k}" for k in {**before, **now} if before.get(k) != now.get(k))
+                    before, now = before.get(key[7:]), now.get(key[7:])
+                raise ConfigError(f"study '{name}' in {url} was made by a different sweep ('{key}' was {before!r}, now {now!r}); "
+                                  "use another --output-dir or study_name")
+        if stored.get("overrides") != overrides:
+            console.warn(f"the base-config overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
+        if stored.get("baseline") != baseline[0]:  # trial 0 was decided when the study was created
+            if stored.get("baseline") is None and baseline[0] is not None:
+                console.info("this study was created without a baseline: its trial 0 was sampled")
+            study.sampler = _sampler(sweep, stored.get("baseline"))
+    done = sum(map(_counted, study.get_trials(deepcopy=False)))
+    console.info(f"study '{name}' in {url}: {done} trial(s) so far")
+    return study
+
+
+def _rdb_storage(url: str):
+    """Optuna's RDBStorage; workers starting together on a new database race to create its tables
+    (one gets an IntegrityError on alembic_version), so a failed first connection is retried."""
+    import random
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for SQLite's write lock
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except (IntegrityError, OperationalError) as err:
+            if attempt == 5 or (isinstance(err, OperationalError) and "locked" not in str(err) and "exists" not in str(err)):
+                failure = err
+                break
+            time.sleep(0.2 + random.random() * (attempt + 1))
+        except Exception as err:  # a bad URL, a missing driver, an unreachable server
+            failure = err
+            break
+    first = (str(failure).strip().splitlines() or [""])[0]
+    raise ConfigError(f"--storage {url}: {type(failure).__name__}: {first}")
+
+
+def _budget(sweep: SweepConfig) -> int | None:
+    if sweep.sampler != "grid":
+        return sweep.n_trials
+    size = math.prod(len(v) for v in sweep.grid().values())
+    if sweep.n_trials is not None and sweep.n_trials > size:
+        console.info(f"the grid has {size} points: running {size} trials, not {sweep.n_trials}")
+    return min(size, sweep.n_trials or size)
+
+
+def _sampler(sweep: SweepConfig, first: dict[str, Any] | None):
+    """The sweep's sampler; `first` (the base config's point, or None) is trial 0's parameters."""
+    if sweep.sampler == "grid":  # a fixed shuffle of the grid: trial N gets point N in every worker
+
+        def grid(seed):
+            sampler = optuna.samplers.GridSampler(sweep.grid(), seed=seed)
+            if first is not None and not move_to_front(sampler._all_grids, sampler._param_names, first):
+                console.warn("the study's baseline point is not on this grid: trial 0 takes the grid's first point")
+            return sampler
+
+        return _Sampler(grid, sweep.seed or 0, per_trial=False)
+    make = optuna.samplers.TPESampler if sweep.sampler == "tpe" else optuna.samplers.RandomSampler
+    return _Sampler(lambda seed: make(seed=seed), sweep.seed, per_trial=sweep.seed is not None, first=first)
+
+
+def _counted(t) -> bool:
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
+        return True
+    return t.state == TrialState.FAIL and bool(t.user_attrs.get("diverged"))
+
+
+def _requeue_orphans(study) -> None:
+    """Put RUNNING trials whose worker is gone back to WAITING, for `study.ask()` to re-attach."""
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _worker_alive(t, now):
+            continue
+        a = t.user_attrs
+        console.info(f"trial {t.number} was interrupted (worker pid {a.get('worker_pid', '?')} on {a.get('worker_host', '?')} is gone): it will resume")
+        try:
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.WAITING)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # finished meanwhile
+
+
+def _worker_alive(trial, now: float) -> bool:
+    a = trial.user_attrs
+    if "worker_host" not in a:  # killed between ask() and recording its worker
+        return now - trial.datetime_start.timestamp() < STALE_AFTER_S
+    if a["worker_host"] == socket.gethostname():
+        return a.get("worker_boot") == _boot_id() and layout.pid_alive(int(a["worker_pid"]))
+    return now - float(a.get("heartbeat", 0)) < STALE_AFTER_S
+
+
+def _finished_summary(run_dir: Path) -> dict | None:
+    summary = layout.read_summary(run_dir)
+    return None if summary is None or summary.get("status") == "failed" else summary
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# One trial
+
+
+def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir: Path, command, budget: int | None) -> None:
+    previous = dict(trial.user_attrs)
+    params = {key: _suggest_param(trial, key, space) for key, space in sweep.search.items()}
+    trial_dir = sweep_dir / f"trial-{trial.number:04d}"
+    _claim(trial, trial_dir)
+    adopted = "worker_host" in previous
+    of = f"/{budget}" if budget else ""
+    shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in params.items())
+    console.info(f"trial {trial.number}{of}: {shown} -> {trial_dir}" + (" (resuming)" if adopted else ""))
+    pruning = _PruningCallback(trial, sweep.metric)
+    try:
+        if not adopted and (layout.holds_finished_run(trial_dir) or layout.list_checkpoints(trial_dir)):
+            raise ConfigError(f"{trial_dir} holds a run that study '{study.study_name}' does not know: "
+                              "the sweep dir belongs to another study; use another --output-dir")
+        cfg = load_config(sweep.base, [*overrides, *(param_override(k, v) for k, v in params.items()),
+                                       param_override("training.output_dir", str(trial_dir))])
+        summary = _finished_summary(trial_dir) if adopted else None  # finished; only its result was not recorded
+        if summary is None:
+            with _Heartbeat(study, trial._trial_id):
+                summary = command.run(cfg, resume=True, overwrite=False, callbacks=(pruning,))
+    except (Interrupted, KeyboardInterrupt):
+        raise  # checkpoint saved (or not yet started): the trial stays RUNNING and the next run resumes it
+    except LockedError as err:
+        # another live worker re-attached this trial at the same moment and holds its dir: leave it to that worker
+        holder = rundir.RunLock(trial_dir).holder() or {}
+        trial.set_user_attr("worker_host", holder.get("host", previous.get("worker_host")))
+        trial.set_user_attr("worker_pid", holder.get("pid", previous.get("worker_pid")))
+        trial.set_user_attr("worker_boot", previous.get("worker_boot") if holder.get("host") != socket.gethostname() else _boot_id())
+        trial.set_user_attr("heartbeat", time.time())
+        console.warn(f"trial {trial.number}: {err}; leaving it to that worker")
+        return
+    except TrainingFailed as err:  # these parameters diverged: a result of the search, not a sweep failure
+        trial.set_user_attr("diverged", True)
+        trial.set_user_attr("error", str(err))
+        study.tell(trial, state=TrialState.FAIL)
+        console.warn(f"trial {trial.number} failed: {err}")
+        return
+    except BaseException as err:
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+
+    value = pruning.value_from(summary)
+    if value is None:
+        study.tell(trial, state=TrialState.FAIL)
+        raise ConfigError(f"metric '{sweep.metric}' is not in trial {trial.number}'s results; they have: "
+                          f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
+    pruned = pruning.pruned or "pruned_at_eval" in trial.user_attrs
+    summary.update(trial=trial.number, pruned=pruned)
+    files.write_json_atomic(trial_dir / "summary.json", summary)
+    if pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        console.info(f"trial {trial.number} pruned at evaluation {trial.user_attrs['pruned_at_eval']} ({sweep.metric} {fmt(value)})")
+    else:
+        study.tell(trial, value)
+        console.info(f"trial {trial.number} finished: {sweep.metric} {fmt(value)}")
+    write_tables(study, sweep, sweep_dir)
+
+
+def _suggest_param(trial, key: str, s):
+    if s.type == "categorical":
+        return trial.suggest_categorical(key, s.choices)
+    if s.type == "int":
+        return trial.suggest_int(key, int(s.low), int(s.high), step=int(s.step or 1), log=s.log)
+    return trial.suggest_float(key, s.low, s.high, step=s.step, log=s.log)
+
+
+def _claim(trial, trial_dir: Path) -> None:
+    for key, value in (("worker_host", socket.gethostname()), ("worker_boot", _boot_id()), ("worker_pid", os.getpid()),
+                       ("heartbeat", time.time()), ("run_dir", str(trial_dir))):
+        trial.set_user_attr(key, value)
+
+
+class _Heartbeat:
+    """Refresh the trial's heartbeat attribute every HEARTBEAT_S from a daemon thread (trainer steps,
+    evaluations and data loading all take unknown time, so the main thread cannot promise it)."""
+
+    def __init__(self, study, trial_id: int):
+        self.storage, self.trial_id = study._storage, trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self):
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+            except Exception:  # a busy database misses one beat; the next one follows
+                pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+class _PruningCallback(TrainerCallback):
+    """Report the metric to the study at each evaluation; stop training when the pruner says so.
+
+    The step reported is the evaluation's ordinal (1, 2, ...), so trials with different batch sizes
+    or lengths are compared at the same point of their own schedule (see `training.eval_steps`
+    as a fraction of the run)."""
+
+    def __init__(self, trial, metric: str):
+        self.trial, self.metric = trial, metric
+        self.pruned = False
+
+    def value_from(self, metrics: dict[str, Any]) -> float | None:
+        if self.metric in metrics and isinstance(metrics[self.metric], (int, float)):
+            return float(metrics[self.metric])
+        if self.metric == "perplexity" and "eval_loss" in metrics:
+            return math.exp(min(metrics["eval_loss"], 700.0))
+        return None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = self.value_from(metrics or {})
+        if value is None:
+            if self.metric.startswith("eval_"):
+                have = sorted(k for k in metrics or {} if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second")))
+                raise ConfigError(f"metric '{self.metric}' is not among the evaluation results ({', '.join(have)}){suggest(self.metric, have)}")
+            return
+        key = self.metric if self.metric in (metrics or {}) else "eval_loss"
+        step = sum(1 for entry in state.log_history if key in entry)  # this evaluation is logged already
+        if step not in self.trial.storage.get_trial(self.trial._trial_id).intermediate_values:
+            self.trial.report(value, step)  # a resumed trial re-evaluates nothing it reported before its checkpoint
+        if state.global_step < state.max_steps and self.trial.should_prune():
+            self.trial.set_user_attr("pruned_at_eval", step)
+            self.pruned = True
+            control.should_training_stop = True
+
+
+class _Sampler(BaseSampler):
+    """Wraps the chosen Optuna sampler. With a seed, trial N samples with seed + N, so workers sharing a
+    study never draw the same sequence and a rerun draws the same trials. GridSampler's after_trial
+    (which stops an optimize() loop this sweep does not use) is not called. With `first` (tpe, random),
+    trial 0 takes those parameters: the base config's point; the grid sampler moves it to the front instead."""
+
+    def __init__(self, make, seed: int | None, per_trial: bool, first: dict[str, Any] | None = None):
+        self._make, self._seed, self._per_trial, self._first = make, seed, per_trial, first or {}
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial):
+        if self._per_trial:
+            self._inner = self._make(self._seed + trial.number)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return {} if trial.number == 0 and self._first else self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if trial.number == 0 and param_name in self._first:
+            return self._first[param_name]
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        if not isinstance(self._inner, GridSampler):
+            self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self._inner.reseed_rng()

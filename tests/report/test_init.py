@@ -1,0 +1,149 @@
+"""`llmcli init`: the generated YAML is a valid config for its command, with every key, its
+description and default; `--from` keeps a config's values; shell completion."""
+
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from conftest import FIXTURES, ROOT
+
+from llmcli import config
+from llmcli.sweep import schema
+
+COMMANDS = ("pretrain", "finetune", "generate", "eval")
+
+
+def _sections_of(cfg, command):
+    dump = cfg.model_dump(mode="json")
+    return {s: dump[s] for s in config.COMMAND_SECTIONS[command]}
+
+
+def _uncomment_block(text, first, last_prefix):
+    """Uncomment the commented `peft:` block (lines starting '# ' after the `peft: null` line)."""
+    lines, out, inside = text.splitlines(), [], False
+    for line in lines:
+        if line == first:
+            inside = True
+            out.append(line[2:])
+            continue
+        if inside and line.startswith(last_prefix):
+            out.append(line[2:])
+            continue
+        inside = False
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_defaults_are_a_valid_config_with_every_key_described(cli, tmp_path, command):
+    text = cli("init", command).stdout
+    assert text.splitlines()[0] == f"# llmcli {command} --config {command}.yaml"
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    loaded = config.load_config(path, command=command) if command != "sweep" else config.Config()
+    assert _sections_of(loaded, command) == _sections_of(config.Config(), command)
+    raw = yaml.safe_load(text)
+    assert set(raw) == set(config.COMMAND_SECTIONS[command])
+    for section in config.COMMAND_SECTIONS[command]:
+        model = config.Config.model_fields[section].annotation
+        model = next((a for a in getattr(model, "__args__", (model,)) if isinstance(a, type) and hasattr(a, "model_fields")), None)
+        if model is None:
+            continue
+        if raw[section] is None:  # peft / reward: off by default, their keys commented out below them
+            assert config.Config.model_fields[section].default is None, section
+            on = _uncomment_block(text, f"# {section}:", "#   ")
+            keys = set(yaml.safe_load(on)[section])
+            if section == "peft":  # uncommented, the defaults load (reward needs a model or function first)
+                (tmp_path / "on.yaml").write_text(on)
+                assert config.load_config(tmp_path / "on.yaml").peft == config.PeftSection()
+        else:
+            keys = set(raw[section])
+        assert keys == set(model.model_fields), section  # every field, nothing else
+        for name, field in model.model_fields.items():
+            first_words = " ".join(field.description.split()[:4])
+            assert first_words in " ".join(line.lstrip(" #") for line in text.splitlines()), (section, name)
+
+
+def test_training_lists_common_arguments_with_transformers_defaults(cli, tmp_path):
+    from transformers import TrainingArguments
+
+    from llmcli.report.init import COMMON_TRAINING_ARGUMENTS
+
+    text = cli("init", "pretrain").stdout
+    commented = dict(re.findall(r"^  # (\w+): (.*)$", text, flags=re.M))
+    ta = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    assert [k for k in commented if k in ta] == list(COMMON_TRAINING_ARGUMENTS)
+    for name in COMMON_TRAINING_ARGUMENTS:
+        default = ta[name].default
+        default = getattr(default, "value", default)
+        assert yaml.safe_load(commented[name]) == default, name
+    # uncommented, they are all accepted TrainingArguments values
+    on = re.sub(r"^  # (\w+: .*)$", lambda m: "  " + m.group(1) if m.group(1).split(":")[0] in ta else m.group(0), text, flags=re.M)
+    (tmp_path / "on.yaml").write_text(on)
+    loaded = config.load_config(tmp_path / "on.yaml")
+    assert loaded.training.model_dump()["learning_rate"] == ta["learning_rate"].default
+    assert len([k for k in loaded.training.model_extra if k in COMMON_TRAINING_ARGUMENTS]) == len(COMMON_TRAINING_ARGUMENTS)
+
+
+@pytest.mark.parametrize("command, source", [
+    ("pretrain", "configs/shakespeare.yaml"), ("finetune", "configs/sst2-minilm-cpu.yaml"),
+    ("finetune", "configs/sst2.yaml"), ("eval", "configs/eval-wikitext.yaml"), ("generate", "configs/eval-wikitext.yaml"),
+])
+def test_from_keeps_the_values_of_a_config(cli, tmp_path, command, source):
+    out = tmp_path / "gen.yaml"
+    result = cli("init", command, "--from", ROOT / source, "--output", out)
+    assert result.stdout == "" and out.exists()
+    original = config.load_config(ROOT / source, command=command)
+    assert _sections_of(config.load_config(out, command=command), command) == _sections_of(original, command)
+
+
+def test_pretrain_dry_run_of_the_generated_config_matches_the_source(cli, tmp_path):
+    out = tmp_path / "shakespeare.yaml"
+    cli("init", "pretrain", "--from", ROOT / "configs/shakespeare.yaml", "-o", out)
+    generated = cli("pretrain", "--config", out, "--dry-run", "-o", tmp_path / "run").stdout
+    source = cli("pretrain", "--config", ROOT / "configs/shakespeare.yaml", "--dry-run", "-o", tmp_path / "run").stdout
+    assert generated == source and "max_steps: 600" in generated
+
+
+def test_finetune_template_runs_dry_once_the_data_is_named(cli, gpt2_run, tmp_path):
+    out = tmp_path / "ft.yaml"
+    cli("init", "finetune", "-o", out)
+    result = cli("finetune", "--config", out, "--model", gpt2_run, "--set", f"data.train_file={FIXTURES / 'shakespeare_small.txt'}",
+                 "-o", tmp_path / "run", "--dry-run")
+    assert "causal-lm" in result.stderr and "would resume from" in result.stderr
+
+
+def test_bad_uses_exit_2(cli, tmp_path):
+    existing = tmp_path / "x.yaml"
+    existing.write_text("keep me\n")
+    err = cli("init", "pretrain", "-o", existing, expect=2).stderr
+    assert err == f"error: --output {existing}: the file exists; delete it or pick another name\n"
+    assert existing.read_text() == "keep me\n"
+    err = cli("init", "pretrain", "--from", tmp_path / "missing.yaml", expect=2).stderr
+    assert err == f"error: config file not found: {tmp_path / 'missing.yaml'}\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rat: 1\n")
+    assert "did you mean 'learning_rate'" in cli("init", "pretrain", "--from", bad, expect=2).stderr
+    cli("init", "train", expect=2)
+
+
+def test_init_sweep_needs_a_sweep_config(cli, tmp_path):
+    out = tmp_path / "sweep.yaml"
+    cli("init", "sweep", "-o", out)
+    assert set(yaml.safe_load(out.read_text())) == set(schema.SweepConfig.model_fields)
+
+
+def test_shell_completion(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+
+    runner = CliRunner()
+    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="llmcli")
+    assert script.exit_code == 0 and "complete -o default -F _llmcli_completion llmcli" in script.stdout
+    env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli rep", "COMP_CWORD": "1"}
+    assert runner.invoke(app, [], prog_name="llmcli", env=env).stdout == "report\n"
+    env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli init f", "COMP_CWORD": "2"}
+    assert runner.invoke(app, [], prog_name="llmcli", env=env).stdout == "finetune\n"

@@ -1,0 +1,333 @@
+"""`llmcli sweep` end to end on a tiny GPT-2: trials are run dirs, kill -9 / SIGTERM resume, two workers, bad spaces.
+
+Workers run as subprocesses; the test callback (tests/hooks.py, HOOK_PAUSE_AT_STEP) pauses a worker's trial after a known
+step (checkpoints every 2 steps), so kills and signals land at a known point.
+"""
+
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import FIXTURES, ROOT, TINY_GPT2, read_jsonl
+from hooks import CALLBACK, hook_env
+from llmcli.config import _set_dotted, parse_override
+from llmcli.sweep.schema import load_sweep_config
+
+MAX_STEPS = 6
+
+
+def write_sweep(tmp_path, **changes):
+    """A base config (tiny GPT-2, 6 steps, evaluation and checkpoint every 2) and a 3-trial sweep over it."""
+    raw = {}
+    for item in [*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", f"training.max_steps={MAX_STEPS}",
+                 "training.eval_strategy=steps", "training.eval_steps=2", "training.save_steps=2", "training.logging_steps=2",
+                 "training.output_dir=unused", CALLBACK]:
+        _set_dotted(raw, *parse_override(item))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(raw))
+    sweep = {
+        "base": str(tmp_path / "base.yaml"), "command": "pretrain", "metric": "eval_loss", "direction": "minimize",
+        "search": {"training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                   "training.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}},
+        "n_trials": 3, "seed": 0, "pruner_startup_trials": 1, "output_dir": str(tmp_path / "sweep"),
+    }
+    sweep.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def start_worker(sweep, marker=None, **hooks):
+    env = hook_env(marker, **hooks)
+    return subprocess.Popen([sys.executable, "-m", "llmcli", "sweep", "--config", str(sweep)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_paused(proc, marker):
+    deadline = time.time() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"worker ended before pausing (exit {proc.returncode}): {proc.communicate()[1].decode()}")
+        time.sleep(0.05)
+
+
+def trials(out):
+    import optuna
+
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
+    return {t.number: t for t in study.get_trials()}
+
+
+def test_two_workers_then_kill9_and_sigterm_mid_trial_and_the_rerun_resumes_both(cli, tmp_path):
+    sweep, out = write_sweep(tmp_path), tmp_path / "sweep"
+    # Warm the tokenizer/tokenized-data cache first: two processes that miss the same entry at once
+    # can break the slower one (publish_dir replaces the entry the other one has open; an engine issue).
+    cli("pretrain", "--config", tmp_path / "base.yaml", "--set", "training.max_steps=1", "--set", "training.eval_strategy=no",
+        "-o", tmp_path / "warm")
+    markers = [tmp_path / "a", tmp_path / "b"]
+    a, b = workers = [start_worker(sweep, m, PAUSE_AT_STEP=3) for m in markers]  # both open the new study.db at once
+    for w, m in zip(workers, markers):
+        wait_paused(w, m)  # each paused in its own trial after step 3, with checkpoint-2 on disk
+    running = trials(out)
+    assert sorted(running) == [0, 1]
+    of = {t.user_attrs["worker_pid"]: n for n, t in running.items()}
+    assert sorted(of) == sorted([a.pid, b.pid])
+
+    # a third worker (this process) runs the last trial; the two running ones count towards n_trials
+    c = cli("sweep", "--config", sweep)
+    assert "trial 2/3" in c.stderr and "trial 0/3" not in c.stderr and "trial 1/3" not in c.stderr
+    assert [r["state"] for r in read_jsonl(out / "leaderboard.jsonl")] == ["COMPLETE", "RUNNING", "RUNNING"]
+
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    a.send_signal(signal.SIGTERM)
+    err = a.communicate(timeout=120)[1].decode()
+    assert a.returncode == 143 and "stopped by SIGTERM at step 3" in err and "Traceback" not in err, err
+    ta, tb = out / f"trial-{of[a.pid]:04d}", out / f"trial-{of[b.pid]:04d}"
+    assert (ta / "checkpoint-3").is_dir() and (tb / "checkpoint-2").is_dir() and not (tb / "checkpoint-3").exists()
+    assert not (ta / "summary.json").exists() and not (tb / "summary.json").exists()
+    assert {trials(out)[n].state.name for n in (0, 1)} == {"RUNNING"}  # left for the next run, neither failed nor lost
+
+    result = cli("sweep", "--config", sweep)  # the same command again
+    assert result.stderr.count("was interrupted") == 2 and f"worker pid {b.pid}" in result.stderr
+    found = trials(out)
+    assert sorted(found) == [0, 1, 2] and {t.state.name for t in found.values()} <= {"COMPLETE", "PRUNED"}
+    summaries = {n: json.loads((out / f"trial-{n:04d}" / "summary.json").read_text()) for n in found}
+    assert {n: s["resumed_from"] for n, s in summaries.items()} == {of[a.pid]: 3, of[b.pid]: 2, 2: None}
+    assert all(found[n].params == running[n].params for n in (0, 1))  # the same trials, not new ones
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0000", "trial-0001", "trial-0002"]
+
+    # every trial dir is an ordinary run whose config holds the trial's parameters
+    for n, t in found.items():
+        run, s = out / f"trial-{n:04d}", summaries[n]
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["training"]["learning_rate"] == t.params["training.learning_rate"]
+        assert cfg["training"]["weight_decay"] == t.params["training.weight_decay"]
+        assert s["pruned"] is (t.state.name == "PRUNED") and s["trial"] == n
+        assert t.value == pytest.approx(s["eval_loss"], rel=1e-6)
+        evals = [e["eval_loss"] for e in read_jsonl(run / "metrics.jsonl") if "eval_loss" in e]
+        assert [t.intermediate_values[i + 1] for i in range(len(evals))] == pytest.approx(evals, rel=1e-6)
+        if t.state.name == "PRUNED":  # the median rule, checked independently of Optuna
+            k = t.user_attrs["pruned_at_eval"]
+            assert s["global_step"] == 2 * k < MAX_STEPS and len(evals) == k
+            earlier = [u.intermediate_values[k] for u in found.values()
+                       if u.state.name == "COMPLETE" and u.datetime_complete < t.datetime_complete]
+            assert t.intermediate_values[k] > statistics.median(earlier)
+        else:
+            assert s["global_step"] == MAX_STEPS and len(evals) == MAX_STEPS // 2
+    assert sum(t.state.name == "PRUNED" for t in found.values()) == 1
+
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    records = read_jsonl(out / "leaderboard.jsonl")
+    complete = sorted((t.value, n) for n, t in found.items() if t.state.name == "COMPLETE")
+    assert [int(r["trial"]) for r in rows] == [r["trial"] for r in records] and len(rows) == 3
+    assert [int(r["trial"]) for r in rows][: len(complete)] == [n for _, n in complete]
+    assert float(rows[0]["eval_loss"]) == pytest.approx(complete[0][0], rel=1e-9)
+    board = result.stdout.splitlines()
+    title = board.index("sweep leaderboard (minimize eval_loss)")
+    assert board[title + 1].split()[:4] == ["rank", "trial", "state", "eval_loss"] and len(board) >= title + 5
+
+    best = out / "best.yaml"
+    best_cfg = yaml.safe_load(best.read_text())
+    winner = found[complete[0][1]]
+    assert best_cfg["training"]["learning_rate"] == winner.params["training.learning_rate"]
+    assert best_cfg["training"]["output_dir"] == str(out / "best")
+    dry = cli("pretrain", "--config", best, "--dry-run")
+    assert yaml.safe_load(dry.stdout)["training"]["weight_decay"] == winner.params["training.weight_decay"]
+    for name in ("optimization_history.png", "contour.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    again = cli("sweep", "--config", sweep, "--json")  # at n_trials: no new trial, only the reports
+    best_json = json.loads(again.stdout)
+    assert (best_json["trial"], best_json["value"], best_json["params"]) == (winner.number, winner.value, winner.params)
+    assert sorted(trials(out)) == [0, 1, 2]
+
+
+def _bad_sweeps(tmp_path):
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2}
+    return [
+        ({"search": {"training.learning_rate": {**lr, "low": 1e-1}}}, "search 'training.learning_rate': low 0.1 > high 0.01"),
+        ({"search": {"training.learning_rat": lr}}, "search 'training.learning_rat' = 0.0001: unknown config key 'training.learning_rat'"),
+        ({"search": {"modle.n_layer": {"type": "int", "low": 1, "high": 2}}}, "unknown config key 'modle' at the top level (did you mean 'model'?)"),
+        ({"search": {"training.per_device_train_batch_size": lr}},
+         "search 'training.per_device_train_batch_size' = 0.0001: config key 'training.per_device_train_batch_size': expected int"),
+        ({"search": {"training.seed": {"type": "int", "low": 0.5, "high": 3}}}, "type int needs an integer 'low', got 0.5"),
+        ({"search": {"training.seed": {"type": "categorical"}}}, "type categorical needs a non-empty 'choices' list"),
+        ({"search": {"training.learning_rate": {**lr, "log": True, "low": 0}}}, "log: true needs low > 0"),
+        ({"sampler": "grid"}, "the grid sampler needs a 'step' for a float range"),
+        ({"search": {"training.learning_rate": {**lr, "lo": 1}}}, "unknown key 'lo' in search 'training.learning_rate' (did you mean 'low'?)"),
+        ({"n_trial": 3}, "unknown sweep key 'n_trial' (did you mean 'n_trials'?)"),
+        ({"direction": "up"}, "sweep key 'direction': Input should be 'maximize' or 'minimize'"),
+        ({"base": str(tmp_path / "nope.yaml")}, "base config: config file not found"),
+        ({"metric": "eval_acc"}, "metric 'eval_acc' is not among the evaluation results (eval_loss)"),
+        ({}, "was made by a different sweep ('metric' was 'eval_acc', now 'eval_loss')"),  # the study the case above made
+    ]
+
+
+def test_bad_sweep_files_give_one_line_and_exit_2(cli, tmp_path):
+    for changes, message in _bad_sweeps(tmp_path):
+        sweep = write_sweep(tmp_path, **changes)
+        result = cli("sweep", "--config", sweep, "--set", "training.max_steps=2", expect=None)
+        assert result.exit_code == 2, (changes, result.exit_code, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
+        assert message in errors[0], (changes, errors[0])
+
+
+def test_shipped_sweep_config_validates(monkeypatch):
+    monkeypatch.chdir(ROOT)  # its base path is relative to the current directory, like every llmcli path
+    sweep = load_sweep_config("configs/sweep-sst2-minilm.yaml")
+    assert (sweep.command, sweep.metric, sweep.direction, sweep.sampler) == ("finetune", "eval_accuracy", "maximize", "grid")
+    assert sweep.base_overrides(["training.seed=1"]) == [
+        "data.max_train_samples=2000", "training.eval_strategy=steps", "training.eval_steps=0.25", "training.seed=1"]
+
+
+def test_worker_liveness_rules():
+    """Which RUNNING trials a rerun takes over: dead pid or another boot here; no heartbeat elsewhere."""
+    import datetime
+    import socket
+
+    import optuna
+
+    from llmcli.sweep.sweep import STALE_AFTER_S, _boot_id, _worker_alive
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = time.time()
+    here = {"worker_host": socket.gethostname(), "worker_boot": _boot_id()}
+    cases = [
+        ({**here, "worker_pid": os.getpid()}, 0, True),
+        ({**here, "worker_pid": dead.pid}, 0, False),
+        ({**here, "worker_boot": "another-boot", "worker_pid": os.getpid()}, 0, False),  # a reboot reused the pid
+        ({"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - 10}, 0, True),
+        ({"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, 0, False),
+        ({}, 10, True),  # killed between ask() and recording its worker: waits for the stale period
+        ({}, STALE_AFTER_S + 1, False),
+    ]
+    for attrs, age, alive in cases:
+        trial = optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+            datetime_start=datetime.datetime.fromtimestamp(now - age), datetime_complete=None, params={},
+            distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=0)
+        assert _worker_alive(trial, now) is alive, attrs
+
+
+@pytest.mark.parametrize("warmup_evals", [0, 1, 2])
+def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(tmp_path, warmup_evals):
+    """`pruner_warmup_evals: N`: a trial far below the median still runs its first N evaluations (the
+    sweep reports evaluation 1, 2, ...; Optuna's n_warmup_steps counts from step 0). The pruner is the
+    one `llmcli sweep` opens its study with; the values are fed as a minimizing sweep reports them."""
+    import optuna
+
+    from llmcli.sweep.sweep import _open_study
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep = load_sweep_config(write_sweep(tmp_path, pruner_warmup_evals=warmup_evals))
+    (tmp_path / "sweep").mkdir()
+    study = _open_study(sweep, tmp_path / "sweep", None, [])
+    finished = study.ask()
+    for step in (1, 2, 3, 4):
+        finished.report(1.0, step)
+    study.tell(finished, 1.0)
+    high = study.ask()
+    spared = 0
+    for step in (1, 2, 3, 4):
+        high.report(9.0, step)  # a loss far above the finished trial's
+        if high.should_prune():
+            break
+        spared += 1
+    assert spared == warmup_evals
+
+
+def test_baseline_params_are_the_base_config_point_or_say_why_not(tmp_path):
+    """`baseline: true` (the default): trial 0's parameters are the base config's values (learning_rate 3e-3,
+    batch 8, seed 0, max_train_samples unset here), each spelled as the search space spells it, or None with the reason."""
+
+    def baseline(search, **changes):
+        sweep = load_sweep_config(write_sweep(tmp_path, search=search, **changes))
+        return sweep.baseline_params(sweep.base_overrides())
+
+    lr, batch = "training.learning_rate", "training.per_device_train_batch_size"
+    assert baseline({lr: {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}, batch: {"type": "categorical", "choices": [4, 8]}}) == (
+        {lr: 3e-3, batch: 8}, "")
+    # YAML reads 3e-3 (no dot) as a string; a trial given it gets the number, so it is the base value
+    assert baseline({lr: {"type": "categorical", "choices": ["1e-3", "3e-3"]}}) == ({lr: "3e-3"}, "")
+    assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}) == ({lr: 3e-3}, "")
+    assert baseline({lr: {"type": "float", "low": 1e-3, "high": 5e-3, "step": 1e-3}}, sampler="grid") == ({lr: 0.003}, "")
+    assert baseline({"training.seed": {"type": "int", "low": 0, "high": 4, "step": 2}}) == ({"training.seed": 0}, "")
+    assert baseline({"training.seed": {"type": "int", "low": 1, "high": 5, "step": 2}}) == (
+        None, "the base config's training.seed=0 is outside the search space")
+    assert baseline({lr: {"type": "float", "low": 1e-2, "high": 1e-1}}) == (
+        None, "the base config's training.learning_rate=0.003 is outside the search space")
+    assert baseline({"data.max_train_samples": {"type": "categorical", "choices": [None, 100]}}) == ({"data.max_train_samples": None}, "")
+    assert baseline({"data.max_train_samples": {"type": "categorical", "choices": [50, 100]}}) == (
+        None, "the base config does not set data.max_train_samples")
+    assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2}, "training.weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}) == (
+        None, "the base config does not set training.weight_decay")
+    assert baseline({lr: {"type": "float", "low": 1e-4, "high": 1e-2}}, baseline=False) == (None, "baseline: false")
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe"])
+def test_the_base_config_point_is_trial_0_and_the_grid_still_runs_each_point_once(tmp_path, sampler):
+    """Trials asked in turn by two workers (two study handles on one storage). The second worker's own
+    baseline decision is ignored: the study keeps the one it was created with, as does a study created
+    before baselines existed (its identity has no `baseline`)."""
+    import optuna
+
+    from llmcli.sweep.sweep import _open_study, _suggest_param
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = {"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]},
+              "training.per_device_train_batch_size": {"type": "categorical", "choices": [4, 8]}}
+    base_point = (3e-3, 8)
+
+    def points(name, baseline, second, older=False):
+        """Trials 0-3 asked in turn by two workers; the second opens the study with its own decision `second`."""
+        sweep = load_sweep_config(write_sweep(tmp_path, search=search, sampler=sampler, baseline=baseline, n_trials=4))
+        out = tmp_path / name
+        out.mkdir()
+        decided = sweep.baseline_params(sweep.base_overrides())
+        if older:  # a study an older llmcli created: its identity has no baseline
+            study = _open_study(sweep, out, None, [], (None, ""))
+            study.set_user_attr("sweep", {k: v for k, v in study.user_attrs["sweep"].items() if k != "baseline"})
+        workers = [_open_study(sweep, out, None, [], decided), _open_study(sweep, out, None, [], second)]
+        got = []
+        for i in range(4):
+            study = workers[i % 2]
+            trial = study.ask()
+            got.append(tuple(_suggest_param(trial, k, s) for k, s in sweep.search.items()))
+            study.tell(trial, 1.0)
+        return got
+
+    other = ({"training.learning_rate": 1e-3, "training.per_device_train_batch_size": 4}, "")
+    with_baseline, without = points("with", True, (None, "")), points("without", False, other)
+    assert with_baseline[0] == base_point and without[0] != base_point
+    assert points("older", True, other, older=True) == without
+    if sampler == "grid":  # seed 0 shuffles the base point to second place; the baseline moves it to the front
+        assert without == [(3e-3, 4), base_point, (1e-3, 8), (1e-3, 4)]
+        assert with_baseline == [base_point, (3e-3, 4), (1e-3, 8), (1e-3, 4)]  # every point once, the rest in order
+
+
+def test_baseline_trial_is_the_base_config_run(cli, tmp_path):
+    """Trial 0 of a baseline sweep is the base config's own run (same loss as `llmcli pretrain` of it, so the
+    sweep's best is never worse), marked on the leaderboard; the grid's other point is still run."""
+    sweep = write_sweep(tmp_path, search={"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}},
+                        sampler="grid", seed=1, pruner="none", n_trials=None)  # seed 1 puts 1e-3 first in the shuffle
+    out = tmp_path / "sweep"
+    result = cli("sweep", "--config", sweep)
+    assert "trial 0 runs the base config's values: training.learning_rate=0.003" in result.stderr
+    found = trials(out)
+    assert [found[n].params["training.learning_rate"] for n in (0, 1)] == [3e-3, 1e-3]
+    alone = cli("pretrain", "--config", tmp_path / "base.yaml", "-o", tmp_path / "alone")
+    assert alone.exit_code == 0
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert found[0].value == pytest.approx(summary["eval_loss"], rel=1e-6)
+    notes = {r["trial"]: r["note"] for r in read_jsonl(out / "leaderboard.jsonl")}
+    assert notes == {0: "the base config", 1: ""}
