@@ -62,7 +62,7 @@ def main_callback(
 def _invoke(fn: Callable[[], object], quiet: bool, debug: bool, on_exit: Callable[[int], None] | None = None):
     """Run a command body; map errors to one-line messages and exit codes (`on_exit(code)` runs last)."""
     # under accelerate/torchrun only the main process talks; errors still print on every rank
-    from llmcli.dist import is_main_process  # stdlib-only module: --help stays fast
+    from llmcli.dist import is_main_process, leave_process_group  # stdlib-only module: --help stays fast
 
     console.configure(quiet=quiet or not is_main_process(), debug=debug)
     _quiet_libraries(debug)
@@ -70,6 +70,7 @@ def _invoke(fn: Callable[[], object], quiet: bool, debug: bool, on_exit: Callabl
     try:
         fn()
         code = 0
+        leave_process_group()
     except LlmcliError as err:
         if debug:
             import traceback

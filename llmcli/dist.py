@@ -50,3 +50,16 @@ def wait_for_everyone() -> None:
     """A barrier across ranks under accelerate/torchrun; nothing in a single process."""
     if is_distributed():
         distributed_state().wait_for_everyone()
+
+
+def leave_process_group() -> None:
+    """Tear down torch's process group at the end of a command that succeeded: a rank that exits
+    with the group still up can abort at interpreter exit ('terminate called without an active
+    exception', seen once on a gloo rank after a finished run), and torch warns about it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not is_distributed():
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
