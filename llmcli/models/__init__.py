@@ -1,4 +1,6 @@
-"""Custom architectures: one file per architecture, registered here in one place.
+"""The models wing: resolving and loading models (`load.py`), building one for a run (`build.py`),
+LoRA (`lora.py`), which head a task needs (`heads.py`), and llmcli's own architectures, one file each
+(`gru.py`), registered here in one place. May import: the core and data. Nothing above.
 
 Each architecture module (e.g. `gru.py`) holds a `PretrainedConfig` with its own `model_type`, and
 `PreTrainedModel` classes (+ `GenerationMixin` for LMs). `register()` adds them to Transformers'
