@@ -126,3 +126,29 @@ CLASSIFIER = [
     "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=30", "training.save_steps=30",
     "training.seed=0", "data.max_seq_length=32", "training.curves=false",
 ]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pairs(rows):
+    pos = [r["text"] for r in rows if r["sentiment"] == "positive"]
+    neg = [r["text"] for r in rows if r["sentiment"] == "negative"]
+    return [{"prompt": "review:", "chosen": " " + p, "rejected": " " + n} for p, n in zip(pos, neg)]
+
+
+@pytest.fixture(scope="session")
+def feedback_files(tmp_path_factory):
+    """Preference pairs (chosen: a positive sentence, rejected: a negative one) and review-opening
+    prompts, from the sentiment fixtures: the data of the feedback tasks' tests."""
+    train, dev = (read_jsonl(FIXTURES / f"sentiment_{split}.jsonl") for split in ("train", "dev"))
+    d = tmp_path_factory.mktemp("feedback-data")
+    prompts = [{"prompt": " ".join(r["text"].split()[:2])} for r in train]
+    return {
+        "pairs": _write_jsonl(d / "pairs.jsonl", _pairs(train)),  # 75 pairs
+        "pairs_dev": _write_jsonl(d / "pairs_dev.jsonl", _pairs(dev)),  # 19
+        "prompts": _write_jsonl(d / "prompts.jsonl", prompts[:64]),
+        "prompts_dev": _write_jsonl(d / "prompts_dev.jsonl", prompts[-4:]),
+    }

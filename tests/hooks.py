@@ -61,3 +61,10 @@ class TestHooks(TrainerCallback):
             optimizer.state_dict = paused_state_dict
         if _setting("PAUSE_AT_STEP") == step:
             _pause(until=_signal_received)
+
+
+class Unbuildable(TrainerCallback):
+    """A callback whose constructor fails: an error after the run dir is taken, before training."""
+
+    def __init__(self):
+        raise RuntimeError("this callback cannot be built")

@@ -24,6 +24,7 @@ from llmcli import console
 from llmcli.config import Config, TrainingSection
 from llmcli.errors import ConfigError
 from llmcli.evaluate.scoring import Scorer, preference_accuracy
+from llmcli.feedback.reference import AdapterOff, disable_dropout, grpo_with_reference, reference_of
 from llmcli.feedback.rewards import FunctionReward, check_reward_model, policy_eval, reward_function
 from llmcli.tasks import FEEDBACK_TASKS, Task
 
@@ -107,21 +108,25 @@ def _sampling_arguments(cfg: Config, explicit: set[str]) -> dict[str, Any]:
 
 @dataclass
 class Setup:
-    """What `fit` needs beyond the model: the datasets it trains/evaluates on, the trainer's extra
-    arguments, and `after_train` entries for summary.json."""
+    """What `fit` needs beyond the model: the datasets it trains/evaluates on, the trainer class
+    (None: the task table's) and its extra arguments, and `after_train` entries for summary.json."""
 
     datasets: Any
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     after_train: Callable[[Any], dict[str, Any]] | None = None
+    trainer_cls: type | None = None
 
 
-def setup(task: Task, cfg: Config, model, tokenizer, rows, model_path: str, run_path: Path) -> Setup:
+def setup(task: Task, cfg: Config, model, tokenizer, rows, run_path: Path) -> Setup:
     if task == Task.REWARD:
         return _setup_reward(cfg, model, tokenizer, rows)
+    if cfg.training.model_extra.get("disable_dropout", True):  # DPOConfig's default; rl's is set in check_config
+        disable_dropout(model)
     if task == Task.DPO:
-        return Setup(rows)
-    return _setup_rl(cfg, model, tokenizer, rows, model_path, run_path)
+        reference = reference_of(model)
+        return Setup(rows, trainer_kwargs={"ref_model": reference} if reference is not None else {})
+    return _setup_rl(cfg, model, tokenizer, rows, run_path)
 
 
 def _setup_reward(cfg: Config, model, tokenizer, rows) -> Setup:
@@ -140,7 +145,7 @@ def _setup_reward(cfg: Config, model, tokenizer, rows) -> Setup:
     return Setup(rows, after_train=after_train)
 
 
-def _setup_rl(cfg: Config, model, tokenizer, rows, model_path: str, run_path: Path) -> Setup:
+def _setup_rl(cfg: Config, model, tokenizer, rows, run_path: Path) -> Setup:
     from datasets import DatasetDict
 
     reward = reward_function(cfg)
@@ -151,41 +156,29 @@ def _setup_rl(cfg: Config, model, tokenizer, rows, model_path: str, run_path: Pa
     # prompts serve only summary.json's before/after numbers (one pass each, below)
     fit_rows = rows if periodic_eval else DatasetDict(train=rows["train"])
     s = Setup(fit_rows, trainer_kwargs={"reward_funcs": [reward]})
+    beta = cfg.training.model_extra.get("beta", 0.0)
+    # the starting model, for GRPO's KL penalty (beta > 0) and the before/after KL and perplexity
+    reference = reference_of(model) if beta or eval_prompts else None
+    if reference is not None and beta:
+        s.trainer_cls = grpo_with_reference(reference)
     if not eval_prompts:
         console.warn("task rl: no eval prompts (data.validation_file or validation_split_percentage > 0): "
                       "summary.json gets no reward_before / reward_after")
         return s
-    r = cfg.reward
-    before = policy_eval(model, tokenizer, eval_prompts, reward, cfg.generation, r.eval_samples, cfg.training.seed,
-                         ref_model=None, out_path=run_path / "samples_before.jsonl")
+
+    def measure(policy, when: str) -> dict[str, float]:
+        ref = AdapterOff(policy) if reference is None else reference.to(policy.device)
+        return policy_eval(policy, tokenizer, eval_prompts, reward, cfg.generation, cfg.reward.eval_samples,
+                           cfg.training.seed, ref_model=ref, out_path=run_path / f"samples_{when}.jsonl")
+
+    before = measure(model, "before")
     s.summary = {f"{k}_before": v for k, v in before.items()}
     console.info(f"reward on {len(eval_prompts)} eval prompts before training: {before['reward']:.4f}")
 
     def after_train(trainer) -> dict[str, Any]:
-        policy = trainer.accelerator.unwrap_model(trainer.model)
-        after = policy_eval(policy, tokenizer, eval_prompts, reward, cfg.generation, r.eval_samples, cfg.training.seed,
-                            ref_model=_reference(policy, model_path), out_path=run_path / "samples_after.jsonl")
+        after = measure(trainer.accelerator.unwrap_model(trainer.model), "after")
         console.info(f"reward on {len(eval_prompts)} eval prompts: {before['reward']:.4f} before, {after['reward']:.4f} after")
         return {**s.summary, **{f"{k}_after": v for k, v in after.items()}}
 
     s.after_train = after_train
     return s
-
-
-def _reference(policy, model_path: str):
-    """The starting model, for the KL and the perplexity of samples after training: the LoRA base
-    (adapters disabled), or the start loaded again."""
-    if hasattr(policy, "disable_adapter"):
-        return _AdapterOff(policy)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=policy.dtype).to(policy.device).eval()
-
-
-class _AdapterOff:
-    def __init__(self, peft_model):
-        self.peft_model = peft_model
-
-    def __call__(self, **kw):
-        with self.peft_model.disable_adapter():
-            return self.peft_model(**kw)

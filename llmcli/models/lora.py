@@ -8,13 +8,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmcli import console, tasks
+from llmcli import console, models, tasks
 from llmcli.config import Config
 from llmcli.errors import ConfigError
 from llmcli.files import write_json_atomic
 from llmcli.tasks import Task
 
 HEAD_CONFIG = "head_config.json"  # a LoRA classifier's labels beside its adapter (save_head_config)
+
+
+def check_config(cfg: Config, model_type: str) -> None:
+    """Before the run dir records the config: LoRA on llmcli's GRU adapts its recurrent weight
+    matrices in place (peft's `target_parameters`), which peft allows only without LoRA dropout, so
+    the schema's default dropout becomes 0 there and an explicit one is a config error."""
+    p = cfg.peft
+    if p is None or p.target_modules is not None or not models.is_custom(model_type) or not p.dropout:
+        return
+    if "dropout" in p.model_fields_set:
+        raise ConfigError(f"peft.dropout: LoRA on the {model_type}'s recurrent weights (peft target_parameters) takes no "
+                          "dropout; set peft.dropout: 0")
+    cfg.peft = p.model_copy(update={"dropout": 0.0})
 
 
 def add_lora(model, cfg: Config, task: Task, checkpoint: Path | None):
@@ -39,8 +52,13 @@ def add_lora(model, cfg: Config, task: Task, checkpoint: Path | None):
         if checkpoint is not None and (checkpoint / "adapter_config.json").exists():
             new = json.loads((checkpoint / "adapter_config.json").read_text()).get("modules_to_save") or []
         modules_to_save = [n for n in new if n.split(".")[0] not in ("classifier", "score")] or None
-    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules, task_type=task_type,
-                      modules_to_save=modules_to_save)
+    targets = {"target_modules": p.target_modules}
+    if p.target_modules is None and recurrent_weights(model):
+        # peft has no default for llmcli's own architectures; a recurrent layer's weights are parameters,
+        # not Linear modules, so LoRA adapts them in place (peft's target_parameters)
+        targets = {"target_modules": [], "target_parameters": recurrent_weights(model)}
+    lora = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, task_type=task_type,
+                      modules_to_save=modules_to_save, **targets)
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
@@ -49,6 +67,15 @@ def add_lora(model, cfg: Config, task: Task, checkpoint: Path | None):
     total = sum(x.numel() for x in model.parameters())
     console.info(f"LoRA r={p.r}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     return model
+
+
+def recurrent_weights(model) -> list[str]:
+    """The input and hidden weight matrices of every recurrent layer (nn.GRU/nn.LSTM/nn.RNN): what
+    LoRA adapts in llmcli's GRU when `peft.target_modules` is not set."""
+    import torch
+
+    return [f"{name}.{weight}" for name, module in model.named_modules() if isinstance(module, torch.nn.RNNBase)
+            for weight, _ in module.named_parameters(recurse=False) if weight.startswith(("weight_ih_l", "weight_hh_l"))]
 
 
 def save_head_config(model, run_dir: Path) -> None:

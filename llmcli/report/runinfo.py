@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmcli import layout
+from llmcli import layout, tasks
 from llmcli.train import curves
 
 STATUSES = ("finished", "running", "interrupted", "failed")
@@ -45,7 +45,7 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
         step = max([logged, *checkpoints, summary.get("global_step") or 0])
 
     task = _task(summary, cfg, path, records)
-    metric, greater = main_metric(records, summary, training)
+    metric, greater = main_metric(records, summary, training, task)
     final, best, best_step = _metric_values(records, summary if status == "finished" else {}, metric, greater)
     tokens = summary.get("train_tokens") if status == "finished" else None
     if not tokens:
@@ -82,9 +82,11 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
     return row
 
 
-def main_metric(records: list[dict], summary: dict, training: dict) -> tuple[str | None, bool]:
-    """(metric name, greater is better): `training.metric_for_best_model` when set, else
-    eval_accuracy (classifiers), eval_loss, reward (feedback methods), or the training loss."""
+def main_metric(records: list[dict], summary: dict, training: dict, task: str | None = None) -> tuple[str | None, bool]:
+    """(metric name, greater is better): `training.metric_for_best_model` when set, else the task's
+    own (`tasks.SPECS`: held-out reward after training for rl, DPO's held-out reward accuracy) when
+    the run has it, else eval_accuracy, eval_loss, the training reward (a feedback run still
+    training), or the training loss."""
     configured = training.get("metric_for_best_model")
     if configured:
         name = configured if configured.startswith("eval_") else f"eval_{configured}"
@@ -93,9 +95,10 @@ def main_metric(records: list[dict], summary: dict, training: dict) -> tuple[str
     keys = set(summary)
     for record in records:
         keys.update(record)
-    for name, greater in (("eval_accuracy", True), ("eval_loss", False), ("reward", True), ("loss", False)):
+    own = tasks.spec(task).main_metric if task in {t.value for t in tasks.Task} else None
+    for name in (own, "eval_accuracy", "eval_loss", "reward", "loss"):
         if name in keys:
-            return name, greater
+            return name, not name.endswith("loss")
     return None, False
 
 

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 
 from llmcli.config import Config, Section, load_config, read_yaml, suggest
 from llmcli.errors import ConfigError
+from llmcli.tasks import FEEDBACK_TASKS, spec
 
 
 class SearchParam(Section):
@@ -29,7 +30,7 @@ class SearchParam(Section):
 class SweepConfig(Section):
     base: str = Field(description="The base config file of every trial (relative to the current directory).")
     command: Literal["finetune", "pretrain"] = Field(description="The command every trial runs.")
-    metric: str = Field("eval_loss", description="The summary/evaluation metric to optimise (eval_accuracy, eval_loss, ...).")
+    metric: str = Field("eval_loss", description="The summary/evaluation metric to optimise (eval_accuracy, eval_loss, ...); for task reward, dpo or rl the default is the task's main metric (maximized).")
     direction: Literal["maximize", "minimize"] = Field("minimize", description="maximize or minimize the metric.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted config key -> value: changes to the base config of every trial (before --set).")
     search: dict[str, SearchParam] = Field(description="Dotted config key -> its search space.")
@@ -150,9 +151,14 @@ def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tup
         raise ConfigError(f"{path}: set n_trials (or timeout) for the {sweep.sampler} sampler")
     overrides = sweep.base_overrides(overrides)
     try:
-        load_config(sweep.base, overrides)
+        base = load_config(sweep.base, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: base config: {err}") from None
+    if base.task in FEEDBACK_TASKS and "metric" not in sweep.model_fields_set:
+        # a feedback run's main number is its task's (held-out reward after rl, DPO's reward accuracy), not eval_loss
+        sweep.metric = spec(base.task).main_metric
+        if "direction" not in sweep.model_fields_set:
+            sweep.direction = "maximize"
     for key, space in sweep.search.items():
         samples = space.choices if space.type == "categorical" else [space.low, space.high]
         for value in samples:

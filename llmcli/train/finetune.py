@@ -42,6 +42,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     if not cfg.model.model_name_or_path:
         raise ConfigError("finetune needs a pretrained model: set model.model_name_or_path or pass --model")
     model_path = load.resolve_model_path(cfg.model.model_name_or_path)
+    load.check_weights(model_path, cfg.model.allow_pickle)  # before the run dir: a dir without weights writes nothing
     model_config = load.load_pretrained_config(model_path, cfg.model)
     source_fingerprint(cfg.data)
     raw = RawData(cfg.data, cfg.training.seed)  # loaded on first use, once for the whole command
@@ -50,6 +51,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
                                    prompt_columns_set=bool(d.prompt_column or d.completion_column),
                                    label_column_set=bool(d.label_column))
     setup.check_config(cfg, task)
+    lora.check_config(cfg, model_config.model_type)
     feedback = task in tasks.FEEDBACK_TASKS
     if feedback:  # the rows are checked before anything is written
         rows, about = preferences.datasets(task, raw)
@@ -58,7 +60,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     if dry_run:
         return fit.dry_run(cfg, "finetune", task, model_path)
 
-    with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
+    with RunDir(cfg, resume, overwrite, protect=model_path, task=task) as run_dir:
         if run_dir.finished is not None:
             return run_dir.finished
         if feedback:
@@ -113,9 +115,9 @@ def _feedback(cfg: Config, task: Task, run_dir: RunDir, model_path: str, tokeniz
     console.info(about)
     if cfg.peft is not None:
         model = lora.add_lora(model, cfg, task, run_dir.checkpoint)
-    s = setup.setup(task, cfg, model, tokenizer, rows, model_path, run_dir.path)
+    s = setup.setup(task, cfg, model, tokenizer, rows, run_dir.path)
     return _Plan(model, tokenizer, s.datasets, after_train=s.after_train,
-                 fit_kwargs={"trainer_cls": tasks.trainer_class(task), "args_cls": tasks.args_class(task),
+                 fit_kwargs={"trainer_cls": s.trainer_cls or tasks.trainer_class(task), "args_cls": tasks.args_class(task),
                              "trainer_kwargs": s.trainer_kwargs})
 
 

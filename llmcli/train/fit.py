@@ -134,10 +134,8 @@ def fit(
     try:
         with guard.installed():
             result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
-    except Exception as err:
-        if trainer.is_world_process_zero():  # `llmcli report` and cron see a failed run, not an interrupted one
-            write_json_atomic(run.path / "summary.json", {"status": "failed", "error": str(err).splitlines()[0][:500] if str(err) else type(err).__name__,
-                                                          "task": str(task), "global_step": trainer.state.global_step})
+    except Exception:
+        run.reached_step = trainer.state.global_step  # for the failed summary.json RunDir writes
         raise
     if guard.signum is not None:
         raise Interrupted(

@@ -24,6 +24,8 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     """The whole command; `callbacks` are extra TrainerCallbacks (sweeps add a pruning one)."""
     output_dir_of(cfg)  # a missing output_dir is a config error before anything else
     model_path = load.resolve_model_path(cfg.model.model_name_or_path) if cfg.model.model_name_or_path else None
+    if model_path:
+        load.check_weights(model_path, cfg.model.allow_pickle)  # before the run dir: a dir without weights writes nothing
     model_type = load.load_pretrained_config(model_path, cfg.model).model_type if model_path else cfg.model.model_type
     task, fmt = tasks.resolve_task(cfg.task, "pretrain", lambda: heads.default_lm_task(model_type))
     if model_path is None:
@@ -36,7 +38,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     if dry_run:
         return fit.dry_run(cfg, "pretrain", task, model_path)
 
-    with RunDir(cfg, resume, overwrite, protect=model_path) as run_dir:
+    with RunDir(cfg, resume, overwrite, protect=model_path, task=task) as run_dir:
         if run_dir.finished is not None:
             return run_dir.finished
         raw = RawData(cfg.data, cfg.training.seed)

@@ -17,8 +17,8 @@ from typing import Any
 from llmcli import console
 from llmcli.config import Config, dump_resolved, load_config
 from llmcli.dist import is_main_process, wait_for_everyone
-from llmcli.errors import ConfigError, LockedError
-from llmcli.files import atomic_write_text, ensure_writable_dir
+from llmcli.errors import ConfigError, Interrupted, LockedError, first_line
+from llmcli.files import atomic_write_text, ensure_writable_dir, write_json_atomic
 from llmcli.layout import (LOCK_NAME, STAGING_DIR, holds_finished_run, latest_checkpoint, list_checkpoints,
                            read_summary, resume_step)
 
@@ -205,18 +205,22 @@ def output_dir_of(cfg: Config) -> Path:
 
 
 class RunDir:
-    """Lock the run dir (main process only), pick the checkpoint to resume from, save config.yaml.
+    """Lock the run dir (main process only), pick the checkpoint to resume from, save config.yaml;
+    on an error inside the `with` block, record the run as failed.
 
     `finished` holds the summary of a finished run with the same config: rerunning it (the cron
-    case) is a no-op. `protect` is a model path that `--overwrite` must never delete."""
+    case) is a no-op. `protect` is a model path that `--overwrite` must never delete; `task` is
+    what the run trains (for the failed summary)."""
 
-    def __init__(self, cfg: Config, resume: bool = True, overwrite: bool = False, protect: str | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, resume: bool = True, overwrite: bool = False, protect: str | None = None,
+                 task: str | None = None):
+        self.cfg, self.task = cfg, task
         self.path = output_dir_of(cfg)
         self.resume, self.overwrite, self.protect = resume, overwrite, protect
         self.lock = RunLock(self.path)
         self.checkpoint: Path | None = None
         self.finished: dict[str, Any] | None = None
+        self.reached_step: int | None = None  # set by `fit` when training itself fails
 
     def __enter__(self) -> "RunDir":
         # The main process locks, decides and may clear the dir; the other ranks then follow it.
@@ -255,8 +259,22 @@ class RunDir:
             return None
         return summary if changed_keys(self.cfg, self.path / "config.yaml", ignore=NOT_TRAINING_KEYS) == [] else None
 
-    def __exit__(self, *exc):
-        self.lock.release()
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc is not None and is_main_process():
+                self._record_failure(exc)
+        finally:
+            self.lock.release()
+
+    def _record_failure(self, exc: BaseException) -> None:
+        """Any error once the run dir is taken - loading data, building the model or the Trainer
+        included - leaves summary.json "failed" with the error, so `llmcli report` and cron show a
+        failed run, not an interrupted one a rerun would resume. A signal is no failure."""
+        if isinstance(exc, Interrupted) or not isinstance(exc, Exception):
+            return
+        step = self.reached_step if self.reached_step is not None else resume_step(self.checkpoint) or 0
+        write_json_atomic(self.path / "summary.json", {"status": "failed", "error": first_line(exc, 500),
+                                                       "task": str(self.task or self.cfg.task), "global_step": step})
 
 
 # keys that do not change what a finished run trained: rerunning with other values is still a no-op

@@ -12,36 +12,16 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, read_jsonl, sets
+from conftest import FIXTURES, _pairs, _write_jsonl, read_jsonl, sets
 from hooks import CALLBACK, hook_env
 
-TRAIN = [json.loads(line) for line in (FIXTURES / "sentiment_train.jsonl").read_text().splitlines()]
-DEV = [json.loads(line) for line in (FIXTURES / "sentiment_dev.jsonl").read_text().splitlines()]
 N_DEV = 19  # pairs in sentiment_dev.jsonl (19 positive x 21 negative sentences)
 COMMON = ["training.report_to=none", "training.seed=0", "training.logging_steps=1"]
 
 
-def _pairs(rows):
-    pos = [r["text"] for r in rows if r["sentiment"] == "positive"]
-    neg = [r["text"] for r in rows if r["sentiment"] == "negative"]
-    return [{"prompt": "review:", "chosen": " " + p, "rejected": " " + n} for p, n in zip(pos, neg)]
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("feedback-data")
-    prompts = [{"prompt": " ".join(r["text"].split()[:2])} for r in TRAIN]
-    return {
-        "pairs": _write_jsonl(d / "pairs.jsonl", _pairs(TRAIN)),  # 75 pairs
-        "pairs_dev": _write_jsonl(d / "pairs_dev.jsonl", _pairs(DEV)),
-        "prompts": _write_jsonl(d / "prompts.jsonl", prompts[:64]),
-        "prompts_dev": _write_jsonl(d / "prompts_dev.jsonl", prompts[-4:]),
-    }
+@pytest.fixture
+def files(feedback_files):
+    return feedback_files
 
 
 def start(args, tmp_path, **hooks):
@@ -324,7 +304,7 @@ def test_conversational_pairs_need_a_chat_template_and_train_a_reward_model(cli,
     import shutil
 
     conv = [{"prompt": [{"role": "user", "content": "a review, please"}], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in _pairs(TRAIN)]
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in _pairs(read_jsonl(FIXTURES / 'sentiment_train.jsonl'))]
     f = _write_jsonl(tmp_path / "conv.jsonl", conv)
     args = ["finetune", *sets(*COMMON, "task=reward", f"data.train_file={f}", "data.validation_split_percentage=20",
             "training.max_steps=2", "training.per_device_eval_batch_size=32")]

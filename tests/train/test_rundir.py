@@ -210,14 +210,22 @@ def _bad_cases(tmp: Path):
 
 
 def test_bad_inputs_give_one_line_and_an_exit_code(cli, tmp_path):
-    for extra, code, message in _bad_cases(tmp_path):
+    taken = 0
+    for i, (extra, code, message) in enumerate(_bad_cases(tmp_path)):
         flags = extra if extra[0].startswith("--") else sets(*extra)
-        result = cli("pretrain", *sets(*TINY_GPT2, "training.max_steps=1"), *flags, "-o", tmp_path / "out", expect=None)
+        out = tmp_path / f"out{i}"
+        result = cli("pretrain", *sets(*TINY_GPT2, "training.max_steps=1"), *flags, "-o", out, expect=None)
         assert result.exit_code == code, (extra, result.exit_code, result.stderr)
         assert message in result.stderr, (extra, result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
-        assert not (tmp_path / "out" / "summary.json").exists()
+        if (out / "config.yaml").exists():  # found once the run dir was taken: the run is recorded as failed
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["status"] == "failed" and message in summary["error"] and summary["global_step"] == 0, extra
+            taken += 1
+        else:
+            assert not (out / "summary.json").exists(), extra
+    assert taken == 6  # blank or non-UTF-8 text, columns, malformed JSON and the block size: found while building the run
 
 
 def test_negative_int_labels_and_labels_outside_a_classifier(cli, bert_run, tmp_path):
@@ -365,3 +373,17 @@ def test_two_concurrent_takeovers_of_a_stale_lock_have_one_winner(tmp_path):
     go.write_text("")
     outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes == ["lost", "lost", "lost", "won"]
+
+
+def test_an_error_after_the_run_dir_is_taken_is_recorded_as_failed(cli, tmp_path):
+    """Building the Trainer's callbacks fails after the lock, config.yaml and data: summary.json says
+    failed (not "interrupted at step 0", which invites a rerun that fails the same way), and a rerun
+    after fixing the config starts over."""
+    out = tmp_path / "run"
+    result = cli(*args(out, "training.callbacks=[hooks:Unbuildable]"), expect=1)
+    assert result.stderr.strip().endswith("RuntimeError: this callback cannot be built (rerun with --debug for the traceback)")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {"status": "failed", "error": "this callback cannot be built", "task": "causal-lm", "global_step": 0}
+    assert json.loads(cli("report", out, "--json").stdout)["runs"][0]["status"] == "failed"
+    cli(*args(out))
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
