@@ -105,6 +105,7 @@ class GenerationSection(Section):
     temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 means greedy.")
     top_k: int | None = Field(50, ge=0, description="Sample from the k most likely tokens (0/None = off).")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (None = off).")
+    min_p: float | None = Field(None, gt=0, le=1, description="Keep tokens at least this fraction as likely as the most likely one (None = off).")
     repetition_penalty: float | None = Field(None, gt=0, description="Penalty > 1 discourages repeats.")
     num_return_sequences: int = Field(1, ge=1, description="Completions per prompt.")
     do_sample: bool | None = Field(None, description="None = sample when temperature > 0.")
@@ -132,11 +133,12 @@ class EvalSection(Section):
 
 
 class RewardSection(Section):
-    """`task: rl`: what scores the policy's texts (prompt + completion). Exactly one of model / function."""
+    """`task: rl`: what scores the policy's texts (prompt + completion): one of model / function (a list: a weighted sum)."""
 
     model: str | None = Field(None, description="A classifier (with `label`) or reward-model run dir / model dir that scores the texts.")
     label: str | None = Field(None, description="Classifier label whose probability is the reward (e.g. positive); not for reward models.")
-    function: str | None = Field(None, description="'module:function' taking a list of texts and returning one float per text.")
+    function: str | None = Field(None, description="'module:function' taking a list of texts (and, by parameter name, prompts, completions or any other column of the rows) and returning one float per text.")
+    weight: float = Field(1.0, description="This reward's weight in the sum GRPO maximises (TRL's reward_weights).")
     batch_size: int = Field(64, ge=1, description="Texts per forward pass of the reward model.")
     eval_samples: int = Field(1, ge=1, description="Completions per eval prompt for summary.json's reward_before / reward_after.")
 
@@ -172,7 +174,7 @@ class Config(Section):
     data: DataSection = Field(default_factory=DataSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     peft: PeftSection | None = None
-    reward: RewardSection | None = None
+    reward: RewardSection | list[RewardSection] | None = Field(None, description="task rl: one reward, or a list whose weighted sum is the reward.")
     generation: GenerationSection = Field(default_factory=GenerationSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
@@ -307,11 +309,14 @@ def suggest(word: str, options) -> str:
 
 
 def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
+    # of a union's members (reward: one section or a list), report the one that fits the input's kind
+    first = next((e for e in err.errors() if not e["type"].endswith("_type")), err.errors()[0])
     loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     # pydantic appends union member names to loc (e.g. 'str', 'list[str]'): keep only the config path
     path: list[str] = []
     for part in loc:
+        if part[:1].isupper() or "[" in part:  # a union member's tag (reward: RewardSection | list[...])
+            continue
         owner = _section_model(path)
         if owner is None or (part not in owner.model_fields and first["type"] != "extra_forbidden"):
             break

@@ -68,3 +68,8 @@ class Unbuildable(TrainerCallback):
 
     def __init__(self):
         raise RuntimeError("this callback cannot be built")
+
+
+def share_of_e(texts):
+    """A reward for subprocess runs (this folder is on their PYTHONPATH): the share of 'e' in each text."""
+    return [t.count("e") / max(1, len(t)) for t in texts]

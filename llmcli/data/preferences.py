@@ -22,8 +22,12 @@ def datasets(task: Task, raw: RawData):
     _check_sources(raw, preference)
     out = DatasetDict()
     for split, ds in raw.splits.items():
-        names = preference_columns(ds, data) if preference else {"prompt": prompt_column(ds, data)}
-        ds = ds.select_columns(list(names.values()))
+        if preference:
+            names = preference_columns(ds, data)
+            ds = ds.select_columns(list(names.values()))
+        else:  # the other columns go with each prompt to the reward functions (an `answer` to check against)
+            names = {"prompt": prompt_column(ds, data)}
+            ds = ds.remove_columns([c for c in ("prompt", "completion") if c in ds.column_names and c != names["prompt"]])
         ds = ds.rename_columns({old: new for new, old in names.items() if old != new})
         limit = data.max_train_samples if split == "train" else data.max_eval_samples
         out[split] = ds.select(range(min(limit, len(ds)))) if limit else ds

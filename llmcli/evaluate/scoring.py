@@ -8,33 +8,39 @@ from __future__ import annotations
 from typing import Any
 
 from llmcli.data.preferences import is_conversation
-from llmcli.models.load import context_length
+from llmcli.models.load import context_is_a_limit, context_length
 
 
 class Scorer:
     """Scores texts with a sequence classifier: its logit `index` when it is a reward model (one
-    output), else the softmax probability of class `index`."""
+    output), else the softmax probability of class `index`.
+
+    A text longer than the model's context is cut from the left: what is judged is the end, the
+    completion, not the prompt. A model without a hard context (llmcli's GRU) reads it whole."""
 
     def __init__(self, model, tokenizer, batch_size: int, is_reward_model: bool = True, index: int = 0):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.is_reward_model, self.index = is_reward_model, index
-        self.context = context_length(model.config) or 512
+        self.context = (context_length(model.config) or 512) if context_is_a_limit(model.config) else None
+        self.warned = False
 
     def score(self, texts: list[str], add_eos: bool = True) -> list[float]:
         import torch
 
         if self.is_reward_model and add_eos and self.tokenizer.eos_token:
             texts = [t + self.tokenizer.eos_token for t in texts]  # as TRL's RewardTrainer trained it
+        self._warn_if_cut(texts)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [0.0] * len(texts)
         self.tokenizer.padding_side = "right"  # absolute positions start at 0
+        self.tokenizer.truncation_side = "left"
         was_training = self.model.training
         self.model.eval()
         try:
             for b in range(0, len(order), self.batch_size):
                 idx = order[b : b + self.batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.context,
-                                     return_tensors="pt").to(self.model.device)
+                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=self.context is not None,
+                                     max_length=self.context, return_tensors="pt").to(self.model.device)
                 with torch.inference_mode():
                     logits = self.model(**enc).logits.float()
                 values = logits[:, 0] if self.is_reward_model else torch.softmax(logits, dim=-1)[:, self.index]
@@ -43,6 +49,19 @@ class Scorer:
         finally:
             self.model.train(was_training)
         return out
+
+    def _warn_if_cut(self, texts: list[str]) -> None:
+        """One warning per scorer, counting the texts of the first batch that had to be cut."""
+        if self.context is None or self.warned:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        cut = sum(n > self.context for n in lengths)
+        if cut:
+            from llmcli import console
+
+            console.warn(f"{cut} of {len(texts)} texts are longer than the scoring model's context ({self.context} tokens): "
+                         "cut from the left, keeping the completion (warned once)")
+            self.warned = True
 
 
 def preference_accuracy(scorer: Scorer, rows) -> dict[str, Any]:

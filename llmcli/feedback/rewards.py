@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmcli.config import Config, GenerationSection, ModelSection
+from llmcli.config import Config, GenerationSection, ModelSection, RewardSection
 from llmcli.data.preferences import is_conversation
 from llmcli.dist import is_main_process
 from llmcli.errors import ConfigError
@@ -21,12 +21,13 @@ from llmcli.tasks import Task
 
 
 class Reward:
-    """A reward for GRPO: `reward(prompts=, completions=, **columns)` -> one float per completion;
-    `score(texts)` scores whole texts (prompt + completion)."""
+    """A reward for GRPO, called as TRL calls one: `reward(prompts, completions, **columns)` -> one
+    float per completion, `columns` holding the rows' other columns (a list each)."""
 
     __name__ = "reward"
+    weight = 1.0
 
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+    def __call__(self, prompts, completions, **columns) -> list[float]:
         return self.score([join_text(p, c) for p, c in zip(prompts, completions)])
 
     def score(self, texts: list[str]) -> list[float]:
@@ -42,21 +43,39 @@ def join_text(prompt, completion) -> str:
     return "\n".join(str(m.get("content", "")) for m in messages)
 
 
-def reward_function(cfg: Config, device: str | None = None) -> Reward:
+def sections(cfg: Config) -> list[RewardSection]:
+    """`reward:` as a list (one section, or the list given)."""
+    if cfg.reward is None:
+        return []
+    return list(cfg.reward) if isinstance(cfg.reward, list) else [cfg.reward]
+
+
+def reward_functions(cfg: Config, device: str | None = None) -> list[Reward]:
+    """`reward:` as GRPO's reward functions, each named for the logs (`rewards/<name>/mean`)."""
     from llmcli.dist import distributed_state, is_distributed
 
-    r = cfg.reward
-    if r.function is not None:
-        return FunctionReward(r.function)
     if device is None and is_distributed():
         device = str(distributed_state().device)  # each rank scores its own completions on its own device
-    return ModelReward(r.model, r.label, r.batch_size, cfg.model, device)
+    out: list[Reward] = []
+    for r in sections(cfg):
+        reward = FunctionReward(r.function) if r.function is not None else ModelReward(r.model, r.label, r.batch_size, cfg.model, device)
+        taken = [x.__name__ for x in out]
+        if reward.__name__ in taken:  # two rewards of one name: number the later ones
+            reward.__name__ = f"{reward.__name__}_{len(out)}"
+        reward.weight = r.weight  # GRPO gets the same weights (training.reward_weights, feedback.setup)
+        out.append(reward)
+    return out
 
 
 class FunctionReward(Reward):
-    """`module:function`: a list of texts in, one float per text out."""
+    """`module:function`: a list of texts (prompt + completion) in, one float per text out. The
+    function also gets, by parameter name, `prompts`, `completions` and any other column of the
+    rows (all of them if it takes **kwargs), as TRL's reward functions do: a verifiable reward
+    reads an `answer` column."""
 
     def __init__(self, ref: str):
+        import inspect
+
         from llmcli.tasks import load_object
 
         if ":" not in ref:
@@ -76,15 +95,26 @@ class FunctionReward(Reward):
             raise ConfigError(f"reward.function: '{ref}' is not callable")
         self.ref = ref
         self.__name__ = ref.rpartition(":")[2]
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        self.takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
+        self.named = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
-    def score(self, texts: list[str]) -> list[float]:
-        out = self.fn(list(texts))
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        columns = {**columns, "prompts": list(prompts), "completions": list(completions)}
+        passed = columns if self.takes_all else {k: v for k, v in columns.items() if k in self.named}
+        texts = [join_text(p, c) for p, c in zip(prompts, completions)]
+        return self._checked(self.fn(texts, **passed), len(texts))
+
+    def _checked(self, out, n: int) -> list[float]:
         try:
             values = [float(v) for v in out]
         except (TypeError, ValueError):
             raise ConfigError(f"reward.function: '{self.ref}' must return a list of numbers, got {type(out).__name__}") from None
-        if len(values) != len(texts):
-            raise ConfigError(f"reward.function: '{self.ref}' returned {len(values)} values for {len(texts)} texts")
+        if len(values) != n:
+            raise ConfigError(f"reward.function: '{self.ref}' returned {len(values)} values for {n} texts")
         return values
 
 
@@ -105,7 +135,8 @@ def check_reward_model(path: str, label: str | None, m: ModelSection) -> None:
 
 
 class ModelReward(Scorer, Reward):
-    """A classifier's probability of `label`, or a reward model's score (its one logit), for each text."""
+    """A classifier's probability of `label`, or a reward model's score (its one logit), for each
+    text; conversations are scored in the model's chat template, the format it was trained on."""
 
     def __init__(self, path: str, label: str | None, batch_size: int, m: ModelSection, device: str | None = None):
         resolved = load.resolve_model_path(path)
@@ -120,39 +151,46 @@ class ModelReward(Scorer, Reward):
             super().__init__(model, tokenizer, batch_size, is_reward_model=False, index=index)
             self.__name__ = f"p_{label}"
 
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        if is_conversation(prompts[0]) and getattr(self.tokenizer, "chat_template", None):
+            as_messages = [(p if isinstance(p, list) else [{"role": "user", "content": p}]) +
+                           (c if isinstance(c, list) else [{"role": "assistant", "content": c}]) for p, c in zip(prompts, completions)]
+            texts = [self.tokenizer.apply_chat_template(m, tokenize=False) for m in as_messages]
+            return self.score(texts, add_eos=False)  # the template ends each turn itself
+        return self.score([join_text(p, c) for p, c in zip(prompts, completions)])
 
-def policy_eval(model, tokenizer, prompts: list, reward: Reward, g: GenerationSection, samples: int, seed: int,
+
+def policy_eval(model, tokenizer, rows: list[dict], rewards: list[Reward], g: GenerationSection, samples: int, seed: int,
                 ref_model=None, out_path: Path | None = None) -> dict[str, float]:
-    """Sample `samples` completions per prompt with the run's sampling settings (seeded, the global
-    RNG untouched), score prompt + completion with the reward; with `ref_model`, also GRPO's
-    per-token KL estimate (k3) of policy vs reference on those samples and the reference's
-    perplexity of the completions. The policy itself is the reference when `ref_model` is None."""
+    """Sample `samples` completions per row's prompt with the run's sampling settings (seeded, the
+    global RNG untouched) and score them as GRPO does: each reward called with the prompts, the
+    completions and the rows' other columns, summed with the rewards' weights. With `ref_model`,
+    also GRPO's per-token KL estimate (k3) of policy vs reference on those samples and the
+    reference's perplexity of the completions. The policy itself is the reference when `ref_model` is None."""
     import torch
 
     from llmcli.generate.generate import eos_ids, finish, generate_kwargs, pad_batch
 
     was_training = model.training
     model.eval()
-    texts, rows, kl_sum, nll_sum, n_tokens = [], [], 0.0, 0.0, 0
+    out_rows, kl_sum, nll_sum, n_tokens = [], 0.0, 0.0, 0
     eos = eos_ids(model, tokenizer)
     cut = g.model_copy(update={"stop": []})
     try:
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(seed)
             batch = max(1, g.batch_size // samples)
-            for b in range(0, len(prompts), batch):
-                chunk = prompts[b : b + batch]
-                ids = [_prompt_ids(tokenizer, p) for p in chunk]
+            for b in range(0, len(rows), batch):
+                chunk = rows[b : b + batch]
+                ids = [_prompt_ids(tokenizer, r["prompt"]) for r in chunk]
                 input_ids, mask = pad_batch(tokenizer, ids, model.device, left=True)
                 kwargs = generate_kwargs(tokenizer, g, num_return_sequences=samples)
                 kwargs["min_new_tokens"] = g.min_new_tokens
                 out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
                 new = out[:, input_ids.shape[1] :]
                 for j, seq in enumerate(new.tolist()):
-                    prompt = chunk[j // samples]
                     text, count, _ = finish(tokenizer, seq, eos, cut)
-                    rows.append({"prompt": prompt, "completion": text, "completion_tokens": count})
-                    texts.append(join_text(prompt, text))
+                    out_rows.append({**chunk[j // samples], "completion": text, "completion_tokens": count})
                 stats = _token_stats(model, ref_model, out, input_ids.shape[1], mask.repeat_interleave(samples, 0),
                                      eos, g.temperature or 1.0)
                 kl_sum += stats[0]
@@ -160,17 +198,27 @@ def policy_eval(model, tokenizer, prompts: list, reward: Reward, g: GenerationSe
                 n_tokens += stats[2]
     finally:
         model.train(was_training)
-    scores = reward.score(texts)
-    for row, s in zip(rows, scores):
-        row["reward"] = s
+    prompts = [r["prompt"] for r in out_rows]
+    # a conversation's completion is an assistant message, as GRPO hands it to its reward functions
+    completions = [[{"role": "assistant", "content": r["completion"]}] if is_conversation(r["prompt"]) else r["completion"]
+                   for r in out_rows]
+    columns = {k: [r[k] for r in out_rows] for k in rows[0] if k != "prompt"}
+    per_reward = {reward.__name__: reward(prompts, completions, **columns) for reward in rewards}
+    totals = [sum(reward.weight * per_reward[reward.__name__][i] for reward in rewards) for i in range(len(out_rows))]
+    for i, row in enumerate(out_rows):
+        row["reward"] = totals[i]
+        if len(rewards) > 1:
+            row["rewards"] = {name: values[i] for name, values in per_reward.items()}
     if out_path is not None and is_main_process():
-        out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        out_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
     result = {
-        "reward": sum(scores) / len(scores),
-        "completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
+        "reward": sum(totals) / len(totals),
+        "completion_tokens": sum(r["completion_tokens"] for r in out_rows) / len(out_rows),
         "kl": kl_sum / n_tokens if n_tokens else 0.0,
         "ref_perplexity": safe_exp(nll_sum / n_tokens) if n_tokens else None,
     }
+    if len(rewards) > 1:
+        result.update({f"reward_{name}": sum(values) / len(values) for name, values in per_reward.items()})
     return result
 
 

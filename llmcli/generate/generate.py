@@ -203,9 +203,10 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSecti
 def generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **extra)
     if _sampling(g):
-        kwargs.update(do_sample=True, temperature=g.temperature or 1.0, top_k=g.top_k or 0, top_p=g.top_p or 1.0)
+        kwargs.update(do_sample=True, temperature=g.temperature or 1.0, top_k=g.top_k or 0, top_p=g.top_p or 1.0,
+                      min_p=g.min_p)
     else:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None, min_p=None)
     if g.repetition_penalty:
         kwargs["repetition_penalty"] = g.repetition_penalty
     if g.stop:

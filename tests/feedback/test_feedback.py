@@ -88,9 +88,9 @@ def test_reward_model_trains_and_eval_reports_preference_accuracy(cli, tmp_path,
     assert summary["preference_margin"] == pytest.approx(summary["eval_margin"], rel=1e-4, abs=1e-6)
     # a reward model is a reward for rl: its score through reward.model, without a label
     from llmcli.config import load_config
-    from llmcli.feedback.rewards import reward_function
+    from llmcli.feedback.rewards import reward_functions
 
-    reward = reward_function(load_config(None, [f"reward.model={out}"]))
+    (reward,) = reward_functions(load_config(None, [f"reward.model={out}"]))
     assert reward(prompts=["review:"], completions=[pairs[0]["chosen"]]) == pytest.approx(
         [score(pairs[0]["prompt"] + pairs[0]["chosen"])], rel=1e-5)
 
@@ -272,11 +272,22 @@ def test_missing_column_names_the_key(cli, tmp_path, gpt2_run, files):
     (["reward.function=test_feedback:recording_reward", "training.num_generatons=4"], 2,
      "unknown config key 'training.num_generatons': not a GRPOConfig field (did you mean 'num_generations'?)"),
     (["reward.function=nowhere:nothing"], 2, "reward.function: cannot import 'nowhere:nothing'"),
+    # completions reused across optimizer steps: a checkpoint between them cannot resume exactly
+    (["reward.function=test_feedback:recording_reward", "training.num_iterations=2"], 2,
+     "reuse one batch of completions for 2 micro-steps, not one optimizer step (1)"),
+    (["reward.function=test_feedback:recording_reward", "training.gradient_accumulation_steps=2", "training.steps_per_generation=4"], 2,
+     "reuse one batch of completions for 4 micro-steps, not one optimizer step (2)"),
+    (["reward.function=test_feedback:recording_reward", "training.generation_batch_size=32"], 2,
+     "reuse one batch of completions for 4 micro-steps, not one optimizer step (1)"),
+    (["reward.function=test_feedback:recording_reward", "training.gradient_accumulation_steps=2", "training.steps_per_generation=2"], 0, ""),
 ])
 def test_rl_config_errors(cli, tmp_path, gpt2_run, files, extra, code, message):
     result = cli("finetune", "--model", gpt2_run, *sets("task=rl", f"data.train_file={files['prompts']}", *extra),
                  "-o", tmp_path / "r", "--dry-run", expect=code)
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    if code:
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    else:  # one generation per optimizer step of 2 micro-batches: allowed
+        assert "dry run: nothing was trained" in result.stderr
 
 
 def test_reward_section_is_only_for_rl_and_dpo_checks_dpo_keys(cli, tmp_path, gpt2_run, files):
@@ -325,3 +336,20 @@ def test_conversational_pairs_need_a_chat_template_and_train_a_reward_model(cli,
     assert summary["preference_pairs"] == 15
     assert summary["preference_accuracy"] == pytest.approx(summary["eval_accuracy"], abs=1e-6)
     assert summary["preference_margin"] == pytest.approx(summary["eval_margin"], rel=1e-4, abs=1e-7)
+
+
+def test_rl_resumed_after_kill9_equals_an_uninterrupted_run(cli, tmp_path, gpt2_run, files):
+    """Killed at step 3 (checkpoint 2 on disk), the same command again logs the same loss, reward and
+    KL at every step as a run that was never killed, and the same held-out reward after training:
+    sampling resumes from the checkpoint's RNG state and the sampler's position."""
+    extra = ("reward.function=hooks:share_of_e", "training.max_steps=5")
+    whole = tmp_path / "whole"
+    cli(*_rl_args(whole, gpt2_run, files, *extra))
+    out = tmp_path / "killed"
+    summary = _kill9_then_resume(cli, _rl_args(out, gpt2_run, files, *extra), out, tmp_path, pause_at=3)
+    assert summary["resumed_from"] == 2 and summary["global_step"] == 5
+    runs = [[r for r in read_jsonl(d / "metrics.jsonl") if "loss" in r] for d in (whole, out)]
+    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[0]] == [1, 2, 3, 4, 5]
+    for key in ("loss", "reward", "kl", "completions/mean_length"):
+        assert [r[key] for r in runs[1]] == pytest.approx([r[key] for r in runs[0]], rel=1e-5, abs=1e-9), key
+    assert summary["reward_after"] == pytest.approx(json.loads((whole / "summary.json").read_text())["reward_after"], rel=1e-5)
