@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -18,10 +19,18 @@ COMPLETE_MARKER = "llmcli-complete"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file under a temporary name and rename it into place: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a file under a temporary name and rename it into place: readers never see half a file.
+    The temporary name is this writer's own, so processes writing one file (a sweep's workers and
+    its leaderboard) never rename or remove each other's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
