@@ -32,6 +32,7 @@ SHARDED_WEIGHTS = ("pytorch_model_fsdp*", "global_step*")
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists here (any process: a pid is reused after its owner dies)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -39,6 +40,25 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def lock_is_held(path: Path) -> bool | None:
+    """Whether a live process holds the run lock at `path` (an flock, which the kernel drops when its
+    holder dies): asked of the kernel with a non-blocking shared lock, not guessed from a pid that
+    may be reused. None when there is no lock file."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock if we got it
+    return False
 
 
 def checkpoint_is_complete(path: Path) -> bool:

@@ -228,12 +228,8 @@ def _lock_state(path: Path) -> dict | None:
             return None
         return {"live": young}
     if holder.get("host") != socket.gethostname():
-        return {**holder, "live": True}  # another machine's run: its pid cannot be checked from here
-    try:
-        live = layout.pid_alive(int(holder.get("pid")))
-    except (TypeError, ValueError, OverflowError):
-        live = False
-    return {**holder, "live": live}
+        return {**holder, "live": True}  # another machine's run: its lock cannot be asked from here
+    return {**holder, "live": bool(layout.lock_is_held(path))}
 
 
 def _read_json(path: Path) -> dict | None:

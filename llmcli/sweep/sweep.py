@@ -69,7 +69,7 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     command = importlib.import_module(f"llmcli.train.{sweep.command}")
     started = time.time()
     while sweep.timeout is None or time.time() - started < sweep.timeout:
-        _requeue_orphans(study)
+        _requeue_orphans(study, sweep_dir)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if budget is not None and sum(map(_counted, trials)) >= budget and not waiting:
@@ -192,11 +192,11 @@ def _counted(t) -> bool:
     return t.state == TrialState.FAIL and bool(t.user_attrs.get("diverged"))
 
 
-def _requeue_orphans(study) -> None:
+def _requeue_orphans(study, sweep_dir: Path) -> None:
     """Put RUNNING trials whose worker is gone back to WAITING, for `study.ask()` to re-attach."""
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _worker_alive(t, now):
+        if _worker_alive(t, now, sweep_dir):
             continue
         a = t.user_attrs
         console.info(f"trial {t.number} was interrupted (worker pid {a.get('worker_pid', '?')} on {a.get('worker_host', '?')} is gone): it will resume")
@@ -206,13 +206,23 @@ def _requeue_orphans(study) -> None:
             pass  # finished meanwhile
 
 
-def _worker_alive(trial, now: float) -> bool:
+def _worker_alive(trial, now: float, sweep_dir: Path | None = None) -> bool:
+    """A running trial's worker is alive while it holds its trial dir's run lock (asked of the kernel:
+    a recorded pid may be this process's own, pid 1 after a container restart, or reused). Before
+    the lock exists: the worker's pid on this boot; another host's: its heartbeat."""
     a = trial.user_attrs
     if "worker_host" not in a:  # killed between ask() and recording its worker
         return now - trial.datetime_start.timestamp() < STALE_AFTER_S
     if a["worker_host"] == socket.gethostname():
-        return a.get("worker_boot") == _boot_id() and layout.pid_alive(int(a["worker_pid"]))
+        held = layout.lock_is_held(_trial_dir(sweep_dir, trial) / layout.LOCK_NAME) if sweep_dir is not None else None
+        if held is not None:
+            return held
+        return a.get("worker_boot") == _boot_id() and a.get("worker_pid") != os.getpid() and layout.pid_alive(int(a["worker_pid"]))
     return now - float(a.get("heartbeat", 0)) < STALE_AFTER_S
+
+
+def _trial_dir(sweep_dir: Path, trial) -> Path:
+    return sweep_dir / f"trial-{trial.number:04d}"
 
 
 def _finished_summary(run_dir: Path) -> dict | None:
@@ -234,7 +244,7 @@ def _boot_id() -> str:
 def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir: Path, command, budget: int | None) -> None:
     previous = dict(trial.user_attrs)
     params = {key: _suggest_param(trial, key, space) for key, space in sweep.search.items()}
-    trial_dir = sweep_dir / f"trial-{trial.number:04d}"
+    trial_dir = _trial_dir(sweep_dir, trial)
     _claim(trial, trial_dir)
     adopted = "worker_host" in previous
     of = f"/{budget}" if budget else ""

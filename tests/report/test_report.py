@@ -230,22 +230,32 @@ def test_report_json_two_finished_one_interrupted(cli, runs):
     assert resumed["params"] == finished["params"]
 
 
+def _hold_lock(run_dir):
+    """A process that holds `run_dir`'s run lock (an flock), as a training run does, until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from llmcli.train.rundir import RunLock; "
+                               "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_report_table_running_failed_and_stale_lock(cli, runs, tmp_path):
+    """Running means the run lock is held (asked of the kernel); a lock file nobody holds is stale
+    even when the pid it names is alive (reused, or this very process)."""
     def copy(name):
         dest = tmp_path / name
         shutil.copytree(runs["finished"], dest, ignore=shutil.ignore_patterns("checkpoint-*"))
         return dest
 
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    running = copy("running")
+    (running / "summary.json").unlink()
+    live = _hold_lock(running)
     try:
-        running = copy("running")
-        (running / "summary.json").unlink()
-        (running / ".llmcli.lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "started": "now"}))
         failed = copy("failed")
         (failed / "summary.json").write_text(json.dumps({"status": "failed", "error": "loss became nan at step 21", "global_step": 20}))
         stale = copy("stale")
         (stale / "summary.json").unlink()
-        (stale / ".llmcli.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"}))
+        (stale / ".llmcli.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "then"}))
         rows = json.loads(cli("report", running, failed, stale, "--json").stdout)["runs"]
         assert [r["status"] for r in rows] == ["running", "failed", "interrupted"]
         assert rows[0]["lock"]["pid"] == live.pid and rows[1]["error"] == "loss became nan at step 21"
@@ -304,8 +314,7 @@ def test_report_watch_until_done_and_ctrl_c(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["finished"], run, ignore=shutil.ignore_patterns("checkpoint-*", "*.safetensors"))
     (run / "summary.json").unlink()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (run / ".llmcli.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "now"}))
+    holder = _hold_lock(run)
     cmd = [sys.executable, "-m", "llmcli", "report", str(run), "--watch", "--interval", "0.2"]
     watch = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stopped = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

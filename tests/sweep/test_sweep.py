@@ -189,8 +189,11 @@ def test_shipped_sweep_config_validates(monkeypatch):
         "data.max_train_samples=2000", "training.eval_strategy=steps", "training.eval_steps=0.25", "training.seed=1"]
 
 
-def test_worker_liveness_rules():
-    """Which RUNNING trials a rerun takes over: dead pid or another boot here; no heartbeat elsewhere."""
+def test_worker_liveness_rules(tmp_path):
+    """Which RUNNING trials a rerun takes over. Here: a trial dir whose run lock is held is alive, one
+    whose lock file is left unheld is not, whatever pid it names (the checker's own, pid 1 after a
+    container restart, a reused one); before the lock exists, a live pid of this boot other than the
+    checker's own. Elsewhere: a fresh heartbeat."""
     import datetime
     import socket
 
@@ -200,23 +203,39 @@ def test_worker_liveness_rules():
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from llmcli.train.rundir import RunLock; "
+                               "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(60)", str(tmp_path / "trial-0001")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    stale = tmp_path / "trial-0002"
+    stale.mkdir()
+    (stale / ".llmcli.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # killed: not held
     now = time.time()
     here = {"worker_host": socket.gethostname(), "worker_boot": _boot_id()}
-    cases = [
-        ({**here, "worker_pid": os.getpid()}, 0, True),
-        ({**here, "worker_pid": dead.pid}, 0, False),
-        ({**here, "worker_boot": "another-boot", "worker_pid": os.getpid()}, 0, False),  # a reboot reused the pid
-        ({"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - 10}, 0, True),
-        ({"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, 0, False),
-        ({}, 10, True),  # killed between ask() and recording its worker: waits for the stale period
-        ({}, STALE_AFTER_S + 1, False),
+    cases = [  # (trial number, attrs, age, alive)
+        (0, {**here, "worker_pid": live.pid}, 0, True),  # no lock file yet: the pid
+        (0, {**here, "worker_pid": dead.pid}, 0, False),
+        (0, {**here, "worker_pid": os.getpid()}, 0, False),  # the checker itself is not running it
+        (0, {**here, "worker_boot": "another-boot", "worker_pid": live.pid}, 0, False),  # a reboot reused the pid
+        (1, {**here, "worker_pid": holder.pid}, 0, True),  # the lock is held
+        (2, {**here, "worker_pid": os.getpid()}, 0, False),  # a lock file nobody holds, naming a live pid
+        (2, {**here, "worker_pid": 1}, 0, False),
+        (0, {"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - 10}, 0, True),
+        (0, {"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, 0, False),
+        (0, {}, 10, True),  # killed between ask() and recording its worker: waits for the stale period
+        (0, {}, STALE_AFTER_S + 1, False),
     ]
-    for attrs, age, alive in cases:
-        trial = optuna.trial.FrozenTrial(
-            number=0, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
-            datetime_start=datetime.datetime.fromtimestamp(now - age), datetime_complete=None, params={},
-            distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=0)
-        assert _worker_alive(trial, now) is alive, attrs
+    try:
+        for number, attrs, age, alive in cases:
+            trial = optuna.trial.FrozenTrial(
+                number=number, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+                datetime_start=datetime.datetime.fromtimestamp(now - age), datetime_complete=None, params={},
+                distributions={}, user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=number)
+            assert _worker_alive(trial, now, tmp_path) is alive, (number, attrs)
+    finally:
+        live.kill()
+        holder.kill()
 
 
 @pytest.mark.parametrize("warmup_evals", [0, 1, 2])
