@@ -76,14 +76,26 @@ def spec(task: Task) -> TaskSpec:
 
 
 def load_object(ref: str) -> Any:
-    """'module:attr' -> the object (classes of the task table, user callbacks)."""
+    """'module:attr' -> the object (classes of the task table, user callbacks, reward functions). A
+    user's module is found next to the config, in the current directory, as `python -m llmcli`
+    would find it: one rule for `training.callbacks` and `reward.function`."""
+    import os
+    import sys
+
     module, _, attr = ref.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         obj = importlib.import_module(module)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"cannot import '{ref}': {err}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     return obj
 
 

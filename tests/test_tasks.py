@@ -103,3 +103,15 @@ def test_inference_commands_warn_once_about_a_run_config(gpt2_run, cli):
 def test_a_reshaped_config_is_still_a_valid_config_for_its_run(gpt2_run):
     cfg = load_config(gpt2_run / "config.yaml", command="pretrain")
     assert cfg.task == Task.CAUSAL_LM and cfg.training.seed == 0
+
+
+def test_a_callback_module_next_to_the_config_is_found(cli, tmp_path, monkeypatch):
+    """`training.callbacks` and `reward.function` find a module in the current directory by one rule."""
+    (tmp_path / "mycallbacks.py").write_text(
+        "from transformers import TrainerCallback\n\nclass Stamp(TrainerCallback):\n"
+        "    def on_train_end(self, args, state, control, **kwargs):\n"
+        "        open(args.output_dir + '/stamped', 'w').write(str(state.global_step))\n")
+    monkeypatch.chdir(tmp_path)
+    cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=2",
+                          "training.callbacks=[mycallbacks:Stamp]"), "-o", tmp_path / "run")
+    assert (tmp_path / "run" / "stamped").read_text() == "2"

@@ -6,8 +6,6 @@ reward model's preference accuracy, are the evaluate wing's (`evaluate/scoring.p
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 from llmcli.config import Config, GenerationSection, ModelSection, RewardSection
@@ -80,17 +78,10 @@ class FunctionReward(Reward):
 
         if ":" not in ref:
             raise ConfigError(f"reward.function: '{ref}' should be 'module:function'")
-        cwd = os.getcwd()
-        added = cwd not in sys.path
-        if added:
-            sys.path.insert(0, cwd)  # a module next to the config, as `python -m llmcli` would find it
         try:
-            self.fn = load_object(ref)
+            self.fn = load_object(ref)  # a module in the current directory too
         except ConfigError as err:
             raise ConfigError(f"reward.function: {err}") from None
-        finally:
-            if added:
-                sys.path.remove(cwd)
         if not callable(self.fn):
             raise ConfigError(f"reward.function: '{ref}' is not callable")
         self.ref = ref
