@@ -294,9 +294,11 @@ def sweep(
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="The sweep dir (instead of the sweep file's output_dir).")] = None,
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL shared by workers (default sqlite:///<sweep dir>/study.db).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the best trial as one JSON object on stdout and nothing else.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the sweep file and its base config, print the plan, run nothing.")] = False,
     quiet: QuietOpt = False, debug: DebugOpt = False,
 ):
     """Search hyper-parameters with Optuna; every trial is an ordinary, resumable finetune/pretrain run."""
+    done: dict = {}
 
     def body():
         from llmcli.sweep.schema import load_sweep_config
@@ -304,9 +306,21 @@ def sweep(
         spec = load_sweep_config(config, list(set_ or []))
         from llmcli.sweep import sweep as sweep_module
 
-        sweep_module.run(spec, overrides=list(set_ or []), output_dir=output_dir, storage=storage, as_json=json_)
+        if dry_run:
+            sweep_module.dry_run(spec, overrides=list(set_ or []), output_dir=output_dir, storage=storage)
+            return
+        done["dir"] = sweep_module.sweep_dir_of(spec, output_dir)
+        done["best"] = sweep_module.run(spec, overrides=list(set_ or []), output_dir=output_dir, storage=storage, as_json=json_)
 
-    _invoke(body, quiet or json_, debug)
+    def final_line(code: int) -> None:
+        """`--quiet`: one stderr line for cron mail, `llmcli: sweep runs/s finished best=trial 7 eval_accuracy=0.8131`."""
+        status = {0: "finished", EXIT_SIGINT: "interrupted", EXIT_SIGTERM: "interrupted", EXIT_FAILURE: "failed"}.get(code)
+        if quiet and not json_ and done.get("dir") and status:
+            best = done.get("best") or {}
+            shown = f" best=trial {best['trial']} {best['metric']}={best['value']:.6g}" if best else ""
+            print(f"llmcli: sweep {done['dir']} {status}{shown}", file=sys.stderr, flush=True)
+
+    _invoke(body, quiet or json_, debug, on_exit=final_line)
 
 
 class InitCommand(str, Enum):

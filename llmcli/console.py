@@ -9,11 +9,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-_state = {"quiet": False, "debug": False}
+_state = {"quiet": False, "debug": False, "summaries_to_stderr": False}
 
 
 def configure(quiet: bool = False, debug: bool = False) -> None:
-    _state.update(quiet=quiet, debug=debug)
+    _state.update(quiet=quiet, debug=debug, summaries_to_stderr=False)
+
+
+def summaries_to_stderr() -> None:
+    """Training commands' closing tables go to stderr from now on: a sweep's stdout is its leaderboard."""
+    _state["summaries_to_stderr"] = True
 
 
 def quiet() -> bool:
@@ -79,7 +84,7 @@ def summary_table(command: str, run_dir: str, summary: dict[str, Any]) -> None:
 
     if is_main_process():
         shown = [(k, v) for k, v in summary.items() if v is not None and not k.endswith(_NOISY)]
-        table(f"{command} finished: {run_dir}", shown)
+        table(f"{command} finished: {run_dir}", shown, to_stderr=_state["summaries_to_stderr"])
 
 
 def format_value(value: Any) -> str:

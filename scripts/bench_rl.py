@@ -1,7 +1,11 @@
-"""The RL demo's numbers (BENCHMARKS.md): the review GPT-2 before and after configs/rl-positive-reviews.yaml.
+"""The RL demo's numbers (BENCHMARKS.md): the review policy before and after RL against the sentiment classifier.
 
     python scripts/bench_rl.py --train              # train (timed), then measure
     python scripts/bench_rl.py                      # measure an existing runs/rl-positive-reviews
+    python scripts/bench_rl.py --policy gru         # the brief's GRU: configs/rl-gru-positive-reviews.yaml
+
+--policy picks the config: gpt2 (configs/rl-positive-reviews.yaml, the default) or gru
+(configs/rl-gru-positive-reviews.yaml); --config names any other.
 
 Everything goes through the CLI, as a user would run it:
 1. `llmcli finetune --config configs/rl-positive-reviews.yaml` (with --train): training time from summary.json;
@@ -71,12 +75,15 @@ def ref_perplexity(reference: str, texts: list[str], tmp: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/rl-positive-reviews.yaml")
+    ap.add_argument("--policy", choices=("gpt2", "gru"), default="gpt2", help="which shipped demo to measure")
+    ap.add_argument("--config", help="an rl config (default: the --policy demo's)")
     ap.add_argument("--train", action="store_true", help="run the training first (timed)")
     ap.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--out", default="bench-out/rl.json")
+    ap.add_argument("--out", help="default: bench-out/rl-<policy>.json")
     a = ap.parse_args()
+    a.config = a.config or {"gpt2": "configs/rl-positive-reviews.yaml", "gru": "configs/rl-gru-positive-reviews.yaml"}[a.policy]
+    a.out = a.out or f"bench-out/rl-{a.policy}.json"
     cfg = yaml.safe_load((ROOT / a.config).read_text())
     run = ROOT / cfg["training"]["output_dir"]
     start = cfg["model"]["model_name_or_path"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from llmcli.sweep.sweep import median_pruner
+from llmcli.sweep.study import median_pruner
 
 
 def load(sweep_dir: Path, storage: str | None) -> tuple[optuna.Study, list[list[float]]]:

@@ -5,14 +5,15 @@
 
 The state is an Optuna study in a database (`<sweep>/study.db`, or any `--storage` URL): trial
 numbers, parameters, reported evaluations and outcomes. Each trial `N` is the run dir
-`<sweep>/trial-NNNN/`, produced by `llmcli.<command>.run` (the code path of `llmcli finetune` /
+`<sweep>/trial-NNNN/`, produced by `llmcli.train.<command>.run` (the code path of `llmcli finetune` /
 `pretrain`), with the trial's parameters applied as `--set` overrides on the base config. A
 TrainerCallback reports the metric at each evaluation and stops a trial the pruner rejects.
 
 Rules that make it reboot-safe and multi-worker:
 - A trial records its worker (host, boot id, pid) and a heartbeat as user attributes. A RUNNING
-  trial whose worker is gone (same host: pid dead or machine rebooted; another host: no heartbeat for
-  STALE_AFTER_S) is put back to WAITING; `study.ask()` claims WAITING trials atomically (Optuna's
+  trial whose worker is gone (same host: its trial dir's run lock is no longer held, or before the
+  lock exists its pid is dead or the machine rebooted; another host: no heartbeat for STALE_AFTER_S)
+  is put back to WAITING; `study.ask()` claims WAITING trials atomically (Optuna's
   own trial queue), so exactly one worker re-attaches it, with its number and parameters, and its run
   resumes from the newest checkpoint.
 - The sweep dir has no lock of its own, since several workers share it: each trial dir is locked by
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.samplers import BaseSampler, GridSampler
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
@@ -41,7 +41,9 @@ from llmcli import console, files, layout
 from llmcli.config import load_config, suggest
 from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
 from llmcli.sweep.results import fmt, report, write_tables
-from llmcli.sweep.schema import SweepConfig, move_to_front, param_override
+from llmcli.sweep.schema import SweepConfig, param_override
+from llmcli.sweep import study as studies
+from llmcli.sweep.study import counted
 from llmcli.train import rundir
 
 HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
@@ -54,30 +56,23 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     Returns the best trial as a dict (printed with `--json`)."""
     if not console.debug():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sweep_dir = Path(output_dir or sweep.output_dir or "")
-    if not (output_dir or sweep.output_dir):
-        raise ConfigError("the sweep needs an output dir: set output_dir in the sweep file or pass --output-dir")
-    overrides = sweep.base_overrides(overrides)
-    base = load_config(sweep.base, overrides)
-    if base.launch.num_processes > 1 or base.launch.config_file or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("a sweep runs each trial in its own process: leave launch.num_processes at 1 and start one `llmcli sweep` per GPU instead")
-    if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
-        console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
+    sweep_dir, overrides = _checked(sweep, overrides, output_dir)
+    console.summaries_to_stderr()  # stdout holds the leaderboard (or --json) alone: `llmcli sweep > board.txt`
     files.ensure_writable_dir(sweep_dir)
-    study = _open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(overrides))
-    budget = _budget(sweep)
+    study = studies.open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(overrides))
+    budget = studies.budget(sweep)
     command = importlib.import_module(f"llmcli.train.{sweep.command}")
     started = time.time()
     while sweep.timeout is None or time.time() - started < sweep.timeout:
         _requeue_orphans(study, sweep_dir)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if budget is not None and sum(map(_counted, trials)) >= budget and not waiting:
+        if budget is not None and sum(map(counted, trials)) >= budget and not waiting:
             break
         trial = study.ask()
         adopted = "worker_host" in trial.user_attrs
         if not adopted and budget is not None:
-            ahead = sum(_counted(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+            ahead = sum(counted(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
             if ahead >= budget:  # another worker took the last slot at the same moment
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL)
@@ -86,110 +81,41 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     return report(study, sweep, sweep_dir, as_json)
 
 
-# --------------------------------------------------------------------------------------------
-# The study
+def sweep_dir_of(sweep: SweepConfig, output_dir: str | None) -> Path:
+    if not (output_dir or sweep.output_dir):
+        raise ConfigError("the sweep needs an output dir: set output_dir in the sweep file or pass --output-dir")
+    return Path(output_dir or sweep.output_dir)
 
 
-def median_pruner(startup_trials: int, warmup_evals: int):
-    """Optuna's median pruner as the sweep file means it. Trials report evaluation 1, 2, ... and Optuna
-    may prune at any step >= n_warmup_steps, so sparing the first `warmup_evals` takes warmup_evals + 1."""
-    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals + 1)
+def _checked(sweep: SweepConfig, overrides, output_dir: str | None) -> tuple[Path, list[str]]:
+    """(the sweep dir, every trial's base overrides), after the checks a sweep needs before it starts."""
+    sweep_dir = sweep_dir_of(sweep, output_dir)
+    overrides = sweep.base_overrides(overrides)
+    base = load_config(sweep.base, overrides)
+    if base.launch.num_processes > 1 or base.launch.config_file or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a sweep runs each trial in its own process: leave launch.num_processes at 1 and start one `llmcli sweep` per GPU instead")
+    if sweep.pruner == "median" and str(base.training.model_dump().get("eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
+        console.warn("the median pruner needs evaluations during training (training.eval_strategy=steps or epoch); no trial will be pruned")
+    return sweep_dir, overrides
 
 
-def _open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrides: list[str],
-                baseline: tuple[dict[str, Any] | None, str] = (None, "")):
-    """Create or join the study. `baseline` (`SweepConfig.baseline_params`) decides trial 0 of a new
-    study; a study keeps the decision it was created with, so every worker and rerun samples alike."""
-    url = storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
-    rdb = _rdb_storage(url)
-    name = sweep.study_name or sweep_dir.resolve().name
-    pruner = median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals) if sweep.pruner == "median" else optuna.pruners.NopPruner()
-    try:
-        study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep, baseline[0]),
-                                    pruner=pruner, load_if_exists=True)
-    except ValueError as err:
-        raise ConfigError(f"study '{name}' in {url}: {err}") from None
-    # the search definition is kept in the study: a different sweep must not add trials to it
-    identity = {"base": sweep.base, "command": sweep.command, "metric": sweep.metric, "direction": sweep.direction,
-                "search": {k: v.model_dump() for k, v in sweep.search.items()}, "overrides": overrides, "baseline": baseline[0]}
-    stored = study.user_attrs.get("sweep")
-    if stored is None:
-        study.set_user_attr("sweep", identity)
-        if baseline[0] is not None:
-            console.info("trial 0 runs the base config's values: " + ", ".join(f"{k}={fmt(v)}" for k, v in baseline[0].items()))
-        elif sweep.baseline:
-            console.info(f"trial 0 is sampled: {baseline[1]}")
-    else:
-        for key in ("command", "metric", "direction", "search", "base"):
-            before, now = stored.get(key), identity[key]
-            if before != now:
-                if key == "search":  # name the first search key that differs
-                    key = next(f"search.{k}" for k in {**before, **now} if before.get(k) != now.get(k))
-                    before, now = before.get(key[7:]), now.get(key[7:])
-                raise ConfigError(f"study '{name}' in {url} was made by a different sweep ('{key}' was {before!r}, now {now!r}); "
-                                  "use another --output-dir or study_name")
-        if stored.get("overrides") != overrides:
-            console.warn(f"the base-config overrides differ from the ones this study started with: {stored.get('overrides')} -> {overrides}")
-        if stored.get("baseline") != baseline[0]:  # trial 0 was decided when the study was created
-            if stored.get("baseline") is None and baseline[0] is not None:
-                console.info("this study was created without a baseline: its trial 0 was sampled")
-            study.sampler = _sampler(sweep, stored.get("baseline"))
-    done = sum(map(_counted, study.get_trials(deepcopy=False)))
-    console.info(f"study '{name}' in {url}: {done} trial(s) so far")
-    return study
+def dry_run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
+            storage: str | None = None) -> dict[str, Any]:
+    """`--dry-run`: the sweep file checked as a run would check it (base config, every search end
+    point), printed resolved (stdout) with what would run (stderr); nothing is written or opened."""
+    import yaml
 
-
-def _rdb_storage(url: str):
-    """Optuna's RDBStorage; workers starting together on a new database race to create its tables
-    (one gets an IntegrityError on alembic_version), so a failed first connection is retried."""
-    import random
-
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for SQLite's write lock
-    for attempt in range(6):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        except (IntegrityError, OperationalError) as err:
-            if attempt == 5 or (isinstance(err, OperationalError) and "locked" not in str(err) and "exists" not in str(err)):
-                failure = err
-                break
-            time.sleep(0.2 + random.random() * (attempt + 1))
-        except Exception as err:  # a bad URL, a missing driver, an unreachable server
-            failure = err
-            break
-    first = (str(failure).strip().splitlines() or [""])[0]
-    raise ConfigError(f"--storage {url}: {type(failure).__name__}: {first}")
-
-
-def _budget(sweep: SweepConfig) -> int | None:
-    if sweep.sampler != "grid":
-        return sweep.n_trials
-    size = math.prod(len(v) for v in sweep.grid().values())
-    if sweep.n_trials is not None and sweep.n_trials > size:
-        console.info(f"the grid has {size} points: running {size} trials, not {sweep.n_trials}")
-    return min(size, sweep.n_trials or size)
-
-
-def _sampler(sweep: SweepConfig, first: dict[str, Any] | None):
-    """The sweep's sampler; `first` (the base config's point, or None) is trial 0's parameters."""
-    if sweep.sampler == "grid":  # a fixed shuffle of the grid: trial N gets point N in every worker
-
-        def grid(seed):
-            sampler = optuna.samplers.GridSampler(sweep.grid(), seed=seed)
-            if first is not None and not move_to_front(sampler._all_grids, sampler._param_names, first):
-                console.warn("the study's baseline point is not on this grid: trial 0 takes the grid's first point")
-            return sampler
-
-        return _Sampler(grid, sweep.seed or 0, per_trial=False)
-    make = optuna.samplers.TPESampler if sweep.sampler == "tpe" else optuna.samplers.RandomSampler
-    return _Sampler(lambda seed: make(seed=seed), sweep.seed, per_trial=sweep.seed is not None, first=first)
-
-
-def _counted(t) -> bool:
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
-        return True
-    return t.state == TrialState.FAIL and bool(t.user_attrs.get("diverged"))
+    sweep_dir, overrides = _checked(sweep, overrides, output_dir)
+    baseline, why = sweep.baseline_params(overrides)
+    plan = {
+        "command": sweep.command, "base": sweep.base, "metric": f"{sweep.direction} {sweep.metric}",
+        "trials": studies.budget(sweep) or f"until {sweep.timeout} s", "sampler": sweep.sampler, "pruner": sweep.pruner,
+        "trial 0": ", ".join(f"{k}={fmt(v)}" for k, v in baseline.items()) if baseline else f"sampled ({why})",
+        "sweep dir": str(sweep_dir), "storage": storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}",
+    }
+    print(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False), end="")
+    console.table("dry run: no trial was run", list(plan.items()), to_stderr=True)
+    return {"dry_run": True, **plan}
 
 
 def _requeue_orphans(study, sweep_dir: Path) -> None:
@@ -372,37 +298,3 @@ class _PruningCallback(TrainerCallback):
             self.trial.set_user_attr("pruned_at_eval", step)
             self.pruned = True
             control.should_training_stop = True
-
-
-class _Sampler(BaseSampler):
-    """Wraps the chosen Optuna sampler. With a seed, trial N samples with seed + N, so workers sharing a
-    study never draw the same sequence and a rerun draws the same trials. GridSampler's after_trial
-    (which stops an optimize() loop this sweep does not use) is not called. With `first` (tpe, random),
-    trial 0 takes those parameters: the base config's point; the grid sampler moves it to the front instead."""
-
-    def __init__(self, make, seed: int | None, per_trial: bool, first: dict[str, Any] | None = None):
-        self._make, self._seed, self._per_trial, self._first = make, seed, per_trial, first or {}
-        self._inner = make(seed)
-
-    def before_trial(self, study, trial):
-        if self._per_trial:
-            self._inner = self._make(self._seed + trial.number)
-        self._inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return {} if trial.number == 0 and self._first else self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        if trial.number == 0 and param_name in self._first:
-            return self._first[param_name]
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study, trial, state, values):
-        if not isinstance(self._inner, GridSampler):
-            self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self):
-        self._inner.reseed_rng()

@@ -245,7 +245,7 @@ def test_pruner_warmup_evals_spares_exactly_that_many_evaluations(tmp_path, warm
     one `llmcli sweep` opens its study with; the values are fed as a minimizing sweep reports them."""
     import optuna
 
-    from llmcli.sweep.sweep import _open_study
+    from llmcli.sweep.study import open_study as _open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = load_sweep_config(write_sweep(tmp_path, pruner_warmup_evals=warmup_evals))
@@ -300,7 +300,8 @@ def test_the_base_config_point_is_trial_0_and_the_grid_still_runs_each_point_onc
     before baselines existed (its identity has no `baseline`)."""
     import optuna
 
-    from llmcli.sweep.sweep import _open_study, _suggest_param
+    from llmcli.sweep.study import open_study as _open_study
+    from llmcli.sweep.sweep import _suggest_param
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = {"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]},
@@ -350,3 +351,22 @@ def test_baseline_trial_is_the_base_config_run(cli, tmp_path):
     assert found[0].value == pytest.approx(summary["eval_loss"], rel=1e-6)
     notes = {r["trial"]: r["note"] for r in read_jsonl(out / "leaderboard.jsonl")}
     assert notes == {0: "the base config", 1: ""}
+
+
+def test_sweep_output_for_cron(cli, tmp_path):
+    """stdout holds the leaderboard alone (each trial's closing table goes to stderr), so `llmcli sweep >
+    board.txt` captures the board; `--quiet` ends with one line for cron mail; `--dry-run` runs nothing."""
+    sweep = write_sweep(tmp_path, search={"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}},
+                        sampler="grid", pruner="none", n_trials=None)
+    out = tmp_path / "sweep"
+    dry = cli("sweep", "--config", sweep, "--dry-run")
+    assert yaml.safe_load(dry.stdout)["sampler"] == "grid" and not out.exists()
+    assert "trials: 2" in dry.stderr and "trial 0: training.learning_rate=0.003" in dry.stderr
+    result = cli("sweep", "--config", sweep)
+    board = result.stdout.splitlines()
+    assert board[0] == "sweep leaderboard (minimize eval_loss)" and len(board) == 4  # title, header, two trials
+    assert result.stderr.count("pretrain finished: ") == 2
+    best = json.loads(cli("sweep", "--config", sweep, "--json").stdout)
+    quiet = cli("sweep", "--config", sweep, "--quiet")  # at its budget: the reports only
+    assert quiet.stdout == ""
+    assert quiet.stderr == f"llmcli: sweep {out} finished best=trial {best['trial']} eval_loss={best['value']:.6g}\n"
