@@ -274,7 +274,12 @@ class _PruningCallback(TrainerCallback):
 
     def __init__(self, trial, metric: str):
         self.trial, self.metric = trial, metric
-        self.pruned = False
+        self.pruned = self.ended = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # what `fit` evaluates afterwards (the best model, with load_best_model_at_end) is no new point of
+        # the schedule: reported, it made every curve one evaluation too long
+        self.ended = True
 
     def value_from(self, metrics: dict[str, Any]) -> float | None:
         if self.metric in metrics and isinstance(metrics[self.metric], (int, float)):
@@ -284,6 +289,8 @@ class _PruningCallback(TrainerCallback):
         return None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.ended:
+            return
         value = self.value_from(metrics or {})
         if value is None:
             if self.metric.startswith("eval_"):

@@ -370,3 +370,16 @@ def test_sweep_output_for_cron(cli, tmp_path):
     quiet = cli("sweep", "--config", sweep, "--quiet")  # at its budget: the reports only
     assert quiet.stdout == ""
     assert quiet.stderr == f"llmcli: sweep {out} finished best=trial {best['trial']} eval_loss={best['value']:.6g}\n"
+
+
+def test_the_final_evaluation_of_the_best_model_is_not_reported(cli, tmp_path):
+    """With load_best_model_at_end, `fit` evaluates the reloaded best model after training: that is no
+    evaluation of the schedule, so the pruner sees exactly the scheduled ones (it saw one more)."""
+    import optuna
+
+    sweep = write_sweep(tmp_path, n_trials=1, overrides={"training.load_best_model_at_end": True})
+    cli("sweep", "--config", sweep)
+    (trial,) = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'sweep' / 'study.db'}").get_trials()
+    assert sorted(trial.intermediate_values) == [1, 2, 3]  # 6 steps, an evaluation every 2
+    evals = [r for r in read_jsonl(tmp_path / "sweep" / "trial-0000" / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 4  # the scheduled three and the best model's, which metrics.jsonl still records
