@@ -49,12 +49,21 @@ def open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrid
         elif sweep.baseline:
             console.info(f"trial 0 is sampled: {baseline[1]}")
     else:
+        # a study with no result yet (its trials failed before any evaluation, say on a misspelt metric)
+        # takes the corrected sweep; one with results belongs to the sweep that made them
+        learned = any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or t.intermediate_values
+                      for t in study.get_trials(deepcopy=False))
         for key in ("command", "metric", "direction", "search", "base"):
             before, now = stored.get(key), identity[key]
             if before != now:
                 if key == "search":  # name the first search key that differs
                     key = next(f"search.{k}" for k in {**before, **now} if before.get(k) != now.get(k))
                     before, now = before.get(key[7:]), now.get(key[7:])
+                if not learned:
+                    console.warn(f"study '{name}' has no result yet: it now runs this sweep ('{key}' was {before!r}, now {now!r})")
+                    study.set_user_attr("sweep", identity)
+                    stored = identity
+                    break
                 raise ConfigError(f"study '{name}' in {url} was made by a different sweep ('{key}' was {before!r}, now {now!r}); "
                                   "use another --output-dir or study_name")
         if stored.get("overrides") != overrides:
