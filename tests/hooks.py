@@ -2,7 +2,7 @@
 
 They make kill/signal/NaN tests deterministic: pause after step N (until a signal arrives),
 pause inside the checkpoint save of step N (weights written, optimizer and trainer_state.json
-not yet), or make the loss of step N non-finite. Settings come from HOOK_* environment variables;
+not yet), make the loss of step N non-finite, or fail at one learning rate (a sweep's failed trial). Settings come from HOOK_* environment variables;
 the marker file tells the test that the run is paused.
 """
 
@@ -48,6 +48,8 @@ def _signal_received() -> bool:
 class TestHooks(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
+        if os.environ.get("HOOK_FAIL_AT_LR") and args.learning_rate == float(os.environ["HOOK_FAIL_AT_LR"]):
+            raise RuntimeError("CUDA out of memory (a test's failure at this learning rate)")
         if _setting("NAN_AT_STEP") and step == _setting("NAN_AT_STEP") - 1:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))  # the next step's loss is NaN

@@ -125,9 +125,10 @@ def _sampler(sweep: SweepConfig, first: dict[str, Any] | None):
 
 
 def counted(t) -> bool:
+    """Whether a trial takes one of the n_trials: not a failure that was queued again (its retry counts)."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING):
         return True
-    return t.state == TrialState.FAIL and bool(t.user_attrs.get("diverged"))
+    return t.state == TrialState.FAIL and bool(t.user_attrs.get("diverged") or t.user_attrs.get("gave_up"))
 
 
 class _Sampler(BaseSampler):

@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from llmcli import console, files, layout
 from llmcli.config import load_config, suggest
-from llmcli.errors import ConfigError, Interrupted, LockedError, TrainingFailed
+from llmcli.errors import ConfigError, Interrupted, LlmcliError, LockedError, TrainingFailed, first_line
 from llmcli.sweep.results import fmt, report, write_tables
 from llmcli.sweep.schema import SweepConfig, param_override
 from llmcli.sweep import study as studies
@@ -204,10 +204,14 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         study.tell(trial, state=TrialState.FAIL)
         console.warn(f"trial {trial.number} failed: {err}")
         return
-    except BaseException as err:
+    except (LlmcliError, SystemExit) as err:  # bad config or data, common to every trial: stop the sweep
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
         study.tell(trial, state=TrialState.FAIL)
         raise
+    except Exception as err:  # this trial failed (out of memory, a crash): retried once with its parameters
+        _record_failure(study, trial, params, err)
+        write_tables(study, sweep, sweep_dir)
+        return
 
     value = pruning.value_from(summary)
     if value is None:
@@ -224,6 +228,22 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         study.tell(trial, value)
         console.info(f"trial {trial.number} finished: {sweep.metric} {fmt(value)}")
     write_tables(study, sweep, sweep_dir)
+
+
+def _record_failure(study, trial, params: dict[str, Any], err: Exception) -> None:
+    """A failed trial: the first time, queue its parameters again (Optuna's enqueue_trial: the next
+    trial any worker asks for); a failed retry gives up on them, and that failure counts towards
+    n_trials, so a grid does not run a point twice or another point in its place."""
+    retry_of = trial.user_attrs.get("retry_of")
+    trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+    if retry_of is None:
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        console.warn(f"trial {trial.number} failed ({type(err).__name__}: {first_line(err)}); its parameters run once more")
+    else:
+        trial.set_user_attr("gave_up", True)
+        console.warn(f"trial {trial.number} (a retry of trial {retry_of}) failed again ({type(err).__name__}: "
+                     f"{first_line(err)}); recorded as failed, the sweep goes on")
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def _suggest_param(trial, key: str, s):

@@ -395,3 +395,24 @@ def test_a_misspelt_metric_does_not_poison_the_sweep_dir(cli, tmp_path):
     assert [r["state"] for r in read_jsonl(out / "leaderboard.jsonl")] == ["COMPLETE", "FAIL"]
     other = cli("sweep", "--config", write_sweep(tmp_path, metric="eval_perplexity", n_trials=2), expect=2)
     assert "was made by a different sweep ('metric' was 'eval_loss', now 'eval_perplexity')" in other.stderr
+
+
+def test_a_failed_trial_is_retried_once_then_recorded_and_the_grid_goes_on(cli, tmp_path, monkeypatch):
+    """A trial that fails (a simulated out-of-memory at one learning rate) runs once more with its own
+    parameters, is then recorded as failed, and the sweep goes on: each grid point is run and counted
+    once, the leaderboard lists every trial, and a rerun asks for no trial past the grid."""
+    monkeypatch.setenv("HOOK_FAIL_AT_LR", "0.003")
+    sweep = write_sweep(tmp_path, search={"training.learning_rate": {"type": "categorical", "choices": [1.0e-3, 3.0e-3]}},
+                        sampler="grid", pruner="none", n_trials=None)  # trial 0 is the base config's 3e-3
+    out = tmp_path / "sweep"
+    result = cli("sweep", "--config", sweep)
+    assert "trial 0 failed (RuntimeError: CUDA out of memory" in result.stderr
+    assert "trial 1 (a retry of trial 0) failed again" in result.stderr
+    found = trials(out)
+    assert [(n, t.state.name, t.params["training.learning_rate"]) for n, t in sorted(found.items())] == [
+        (0, "FAIL", 3e-3), (1, "FAIL", 3e-3), (2, "COMPLETE", 1e-3)]
+    assert found[1].user_attrs["retry_of"] == 0
+    rows = read_jsonl(out / "leaderboard.jsonl")
+    assert sorted(r["trial"] for r in rows) == [0, 1, 2]
+    again = cli("sweep", "--config", sweep)  # at the grid's size: no trial past it, no point run again
+    assert "trial 3" not in again.stderr and sorted(trials(out)) == [0, 1, 2]
