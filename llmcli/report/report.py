@@ -7,7 +7,8 @@
     llmcli report runs/big --watch --interval 30     # refresh until nothing is running
 
 A RUN is a run dir, a dir of run dirs (a sweep) or a glob. Status: `finished` (summary.json and
-no live lock), `running` (the lock's pid is alive on this host, or the lock is another host's),
+no held lock), `pruned` (a sweep trial its pruner stopped), `running` (the run lock is held, asked
+of the kernel; or the lock is another host's),
 `interrupted` (no summary and no live lock: the same command resumes it), `failed` (summary.json
 says "status": "failed"). A summary older than the last logged step (a later session stopped
 before writing its own) does not count.

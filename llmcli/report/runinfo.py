@@ -15,7 +15,7 @@ from typing import Any
 from llmcli import layout, tasks
 from llmcli.train import curves
 
-STATUSES = ("finished", "running", "interrupted", "failed")
+STATUSES = ("finished", "pruned", "running", "interrupted", "failed")
 _EVAL_NOISE = ("_runtime", "_samples_per_second", "_steps_per_second", "_per_class", "confusion_matrix")
 
 
@@ -28,6 +28,8 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     records = curves.read_metrics(path)
     summary = _read_json(path / "summary.json") or {}
+    if not isinstance(summary.get("global_step"), (int, type(None))) or isinstance(summary.get("global_step"), bool):
+        summary.pop("global_step")  # a hand-edited or foreign summary.json: its status stands, the logged steps count
     cfg = _read_yaml(path / "config.yaml")
     training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
     lock = _lock_state(path / layout.LOCK_NAME)
@@ -36,18 +38,21 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
 
     if lock is not None and lock["live"]:
         status = "running"
-    elif summary and (summary.get("global_step") or 0) >= logged:
+    elif summary and (summary.get("global_step") is None and "status" in summary or (summary.get("global_step") or 0) >= logged):
         status = summary["status"] if summary.get("status") in STATUSES else "finished"
+        if status == "finished" and summary.get("pruned") is True:
+            status = "pruned"  # a sweep's trial its pruner stopped: finished early, by design
     else:
         status = "interrupted"  # no summary, or a later session (a resume) stopped before writing its own
-    step = summary.get("global_step") if status == "finished" else None
+    ended = status in ("finished", "pruned")  # summary.json holds the run's own final numbers
+    step = summary.get("global_step") if ended else None
     if step is None:
         step = max([logged, *checkpoints, summary.get("global_step") or 0])
 
     task = _task(summary, cfg, path, records)
     metric, greater = main_metric(records, summary, training, task)
-    final, best, best_step = _metric_values(records, summary if status == "finished" else {}, metric, greater)
-    tokens = summary.get("train_tokens") if status == "finished" else None
+    final, best, best_step = _metric_values(records, summary if ended else {}, metric, greater)
+    tokens = summary.get("train_tokens") if ended else None
     if not tokens:
         tokens = int(_last(records, "num_input_tokens_seen") or 0) or None
     train_time = _train_time(records, summary, status)
@@ -71,8 +76,8 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
         "final": final,
         "best": best,
         "best_step": best_step,
-        "perplexity": summary.get("perplexity") if status == "finished" and "perplexity" in summary else _last(records, "eval_perplexity"),
-        "eval": _final_eval(records, summary if status == "finished" else {}),
+        "perplexity": summary.get("perplexity") if ended and "perplexity" in summary else _last(records, "eval_perplexity"),
+        "eval": _final_eval(records, summary if ended else {}),
         "updated": max((r.get("time") for r in records if isinstance(r.get("time"), (int, float))), default=None),
     }
     if status == "failed":

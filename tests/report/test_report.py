@@ -386,3 +386,19 @@ def test_a_failed_run_says_so_in_its_summary_and_the_cron_line(cli, tmp_path, mo
     assert result.stderr.splitlines()[-1] == f"llmcli: pretrain {out} failed step=2"
     report = json.loads(cli("report", out, "--json").stdout)
     assert [(r["status"], r["step"]) for r in report["runs"]] == [("failed", 2)]
+
+
+def test_a_pruned_trial_and_a_foreign_summary(cli, runs, tmp_path):
+    """A sweep trial's summary.json with "pruned": true reads as pruned, not finished; a summary.json
+    whose global_step is not a number (hand-edited, another tool's) does not crash the report."""
+    pruned, odd = tmp_path / "trial-0003", tmp_path / "odd"
+    for dest in (pruned, odd):
+        shutil.copytree(runs["finished"], dest, ignore=shutil.ignore_patterns("checkpoint-*"))
+    summary = _summary(runs["finished"])
+    (pruned / "summary.json").write_text(json.dumps({**summary, "pruned": True, "trial": 3}))
+    (odd / "summary.json").write_text(json.dumps({**summary, "global_step": "twenty"}))
+    rows = json.loads(cli("report", pruned, odd, "--json").stdout)["runs"]
+    assert [r["status"] for r in rows] == ["pruned", "finished"]
+    assert rows[0]["final"] == summary["eval_loss"] and rows[1]["step"] == 20
+    table = cli("report", pruned).stdout.splitlines()
+    assert table[1].split()[-1] == "pruned"
