@@ -111,7 +111,7 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
     with main_process_first():
         raw = tokenized.load_eval_split(cfg.data, cfg.eval.split)
     text_col, pair_col, label_col = tokenized.classification_columns(raw, cfg.data)
-    label_names, label2id = _model_labels(model.config, raw.features[label_col])
+    label_names, label2id, mapping = _model_labels(model.config, raw.features[label_col], raw[label_col])
     encoded = tokenized.tokenize_classification(raw, tokenizer, label2id, cfg.data, _split_name(cfg))
     tokenizer.padding_side = "right"  # absolute position embeddings (BERT, GPT-2) must start at 0
     collate = DataCollatorWithPadding(tokenizer)
@@ -148,6 +148,8 @@ def _eval_classifier(model, tokenizer, cfg: Config, errors_path: str | None) -> 
     result = {k: report[k] for k in ("accuracy", "precision", "recall", "f1")}
     result.update(examples=len(labels), per_class=report["per_class"], confusion_matrix=report["confusion_matrix"])
     protocol = {"max_seq_length": cfg.data.max_seq_length, "averaging": "macro over classes", "labels": label_names}
+    if mapping:
+        protocol["label_mapping"] = mapping
     return result, protocol
 
 
@@ -164,13 +166,22 @@ def _eval_reward_model(model, tokenizer, cfg: Config) -> tuple[dict[str, Any], d
     return result, protocol
 
 
-def _model_labels(config, feature) -> tuple[list[str], dict[str, int]]:
-    """(label names by id, data label -> id). A classifier with its own label names maps data labels
-    by name; one with the library's LABEL_0.. placeholders maps them by index: integer labels, a
+def _model_labels(config, feature, values) -> tuple[list[str], dict[str, int], str | None]:
+    """(label names by id, data label -> id, how integer labels were mapped). A classifier with its
+    own label names maps data labels by name; when the data's labels are instead exactly integers in
+    0..K-1 (SST-2's 0/1 against negative/positive), label i is the model's class i, and the output
+    says so. One with the library's LABEL_0.. placeholders maps them by index: integer labels, a
     ClassLabel's ids (reported under its names) or the placeholder strings themselves."""
     named = load.user_labels(config)
     if named:
-        return [name for name, _ in sorted(named.items(), key=lambda kv: kv[1])], named
+        label_names = [name for name, _ in sorted(named.items(), key=lambda kv: kv[1])]
+        keys = {tokenized.label_key(v, getattr(feature, "names", None)) for v in values if v is not None}
+        index = {str(i): i for i in range(len(label_names))}
+        if keys and not keys & set(named) and keys <= set(index):
+            mapping = "integer labels by class index: " + ", ".join(f"{i}={n}" for i, n in enumerate(label_names))
+            console.info(f"the data's labels are integers, the model's are named: {mapping}")
+            return label_names, {**named, **index}, mapping
+        return label_names, named, None
     n = config.num_labels
     names = list(getattr(feature, "names", None) or [])
     label_names = names if len(names) == n else [str(i) for i in range(n)]
@@ -178,7 +189,7 @@ def _model_labels(config, feature) -> tuple[list[str], dict[str, int]]:
     for keys in (label_names, names[:n], [str(i) for i in range(n)], [f"LABEL_{i}" for i in range(n)]):
         for i, key in enumerate(keys):
             by_index.setdefault(key, i)  # a ClassLabel's own names win over digit strings
-    return label_names, by_index
+    return label_names, by_index, None
 
 
 def _split_name(cfg: Config) -> str:

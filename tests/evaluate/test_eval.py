@@ -494,3 +494,21 @@ def test_two_processes_match_one(cli, sharp_run, tmp_path):
     for key in ("tokens_scored", "bytes", "words", "documents"):
         assert two["metrics"][key] == one["metrics"][key]
     assert close(two["metrics"]["nll"], one["metrics"]["nll"]) and two["protocol"]["windows"] == one["protocol"]["windows"]
+
+
+def test_integer_labels_against_a_classifier_with_named_labels(cli, classifier_run, tmp_path):
+    """SST-2's 0/1 labels with a negative/positive classifier: label i is the model's class i, the
+    output says so, and the numbers are those of the same rows with named labels."""
+    rows = [json.loads(line) for line in (FIXTURES / "sentiment_dev.jsonl").read_text().splitlines()]
+    named, numbered = tmp_path / "named.tsv", tmp_path / "numbered.tsv"
+    named.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{r['sentiment']}\n" for r in rows))
+    numbered.write_text("sentence\tlabel\n" + "".join(f"{r['text']}\t{int(r['sentiment'] == 'positive')}\n" for r in rows))
+    by_name = json.loads(cli("eval", "--model", classifier_run, "--data", named, "--json").stdout)
+    result = cli("eval", "--model", classifier_run, "--data", numbered, "--json")
+    by_index = json.loads(result.stdout)
+    assert by_index["protocol"]["label_mapping"] == "integer labels by class index: 0=negative, 1=positive"
+    assert "label_mapping" not in by_name["protocol"]
+    assert "0=negative, 1=positive" in cli("eval", "--model", classifier_run, "--data", numbered).stderr  # said without --json too
+    assert by_index["metrics"] == by_name["metrics"]
+    (tmp_path / "three.tsv").write_text("sentence\tlabel\na\t0\nb\t2\n")  # 2 is no class of a 2-class model
+    assert "is not one of the model's labels" in cli("eval", "--model", classifier_run, "--data", tmp_path / "three.tsv", expect=4).stderr
