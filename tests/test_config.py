@@ -18,7 +18,7 @@ def _command_of(path):
 
 def test_every_shipped_config_validates():
     llmcli_configs = [p for p in CONFIGS if "accelerate" not in p.parts and not p.name.startswith("sweep-")]
-    assert len(llmcli_configs) == 11, llmcli_configs  # update when adding a config
+    assert len(llmcli_configs) == 13, llmcli_configs  # update when adding a config
     for path in llmcli_configs:
         load_config(path, command=_command_of(path))  # raises on any unknown key or bad type, TrainingArguments fields included
 
