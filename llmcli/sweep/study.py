@@ -87,7 +87,10 @@ def _rdb_storage(url: str):
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # workers wait for SQLite's write lock
     for attempt in range(6):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+            if url.startswith("sqlite"):
+                _immediate_transactions(storage.engine)
+            return storage
         except (IntegrityError, OperationalError) as err:
             if attempt == 5 or (isinstance(err, OperationalError) and "locked" not in str(err) and "exists" not in str(err)):
                 failure = err
@@ -98,6 +101,25 @@ def _rdb_storage(url: str):
             break
     first = (str(failure).strip().splitlines() or [""])[0]
     raise ConfigError(f"--storage {url}: {type(failure).__name__}: {first}")
+
+
+def _immediate_transactions(engine) -> None:
+    """Every SQLite transaction starts with BEGIN IMMEDIATE (it takes the database's write lock at once).
+    Optuna claims a WAITING trial with SELECT ... FOR UPDATE and then an UPDATE; SQLite ignores FOR
+    UPDATE, so two workers could both read the trial WAITING and both run it. Holding the write lock
+    from the read on makes the claim one step. (SQLAlchemy's recipe for pysqlite: the driver's own
+    implicit BEGIN is switched off so that this one is the only one.)"""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners (schema checks) are not reused
 
 
 def budget(sweep: SweepConfig) -> int | None:

@@ -416,3 +416,50 @@ def test_a_failed_trial_is_retried_once_then_recorded_and_the_grid_goes_on(cli, 
     assert sorted(r["trial"] for r in rows) == [0, 1, 2]
     again = cli("sweep", "--config", sweep)  # at the grid's size: no trial past it, no point run again
     assert "trial 3" not in again.stderr and sorted(trials(out)) == [0, 1, 2]
+
+
+CLAIM = """
+import sys, time
+from pathlib import Path
+import optuna
+from optuna.storages._rdb import models
+from llmcli.sweep.study import _rdb_storage
+
+read = models.TrialModel.find_or_raise_by_id.__func__
+
+def slow(cls, trial_id, session, for_update=False):
+    trial = read(cls, trial_id, session, for_update)
+    time.sleep(0.02)  # the other worker reads the same WAITING trial meanwhile
+    return trial
+
+models.TrialModel.find_or_raise_by_id = classmethod(slow)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.load_study(study_name="s", storage=_rdb_storage(sys.argv[1]))
+print("ready", flush=True)
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+print(study._pop_waiting_trial_id(), flush=True)
+"""
+
+
+def test_two_workers_never_claim_one_waiting_trial_on_sqlite(tmp_path):
+    """Optuna claims a WAITING trial with SELECT ... FOR UPDATE, which SQLite ignores: two workers could
+    both read it WAITING and both run it. llmcli's SQLite storage starts every transaction with BEGIN
+    IMMEDIATE, so the read and the write of a claim are one step: with 20 ms between them, exactly one
+    of two processes gets the trial, in every round."""
+    import optuna
+
+    from llmcli.sweep.study import _rdb_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=_rdb_storage(url))
+    for round_ in range(3):
+        study.enqueue_trial({"x": round_})
+        go = tmp_path / f"go-{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", CLAIM, url, str(go)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                 for _ in range(2)]
+        assert all(p.stdout.readline().strip() == "ready" for p in procs)
+        go.touch()
+        claims = [p.communicate(timeout=60)[0].strip() for p in procs]
+        assert claims.count("None") == 1 and len(set(claims)) == 2, claims  # one claim, and an empty queue for the other
