@@ -463,3 +463,34 @@ def test_two_workers_never_claim_one_waiting_trial_on_sqlite(tmp_path):
         go.touch()
         claims = [p.communicate(timeout=60)[0].strip() for p in procs]
         assert claims.count("None") == 1 and len(set(claims)) == 2, claims  # one claim, and an empty queue for the other
+
+
+def test_four_workers_on_one_grid_with_a_kill(cli, tmp_path):
+    """Four worker processes start together on a new study over a 4-point grid; one is killed -9 in
+    the middle of its trial and its orphan is resumed once (by a surviving worker, or the rerun):
+    exactly four finished trials, each grid point once, no failure, no worker crash, the leaderboard
+    complete."""
+    grid = [1.0e-3, 2.0e-3, 3.0e-3, 4.0e-3]
+    sweep = write_sweep(tmp_path, search={"training.learning_rate": {"type": "categorical", "choices": grid}},
+                        sampler="grid", pruner="none", n_trials=None, baseline=False)
+    out = tmp_path / "sweep"
+    cli("pretrain", "--config", tmp_path / "base.yaml", "--set", "training.max_steps=1", "--set", "training.eval_strategy=no",
+        "-o", tmp_path / "warm")  # the tokenized-data cache, built once (see the two-worker test)
+    victim_marker = tmp_path / "victim"
+    victim = start_worker(sweep, victim_marker, PAUSE_AT_STEP=3)
+    others = [start_worker(sweep) for _ in range(3)]
+    wait_paused(victim, victim_marker)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    logs = []
+    for w in others:
+        logs.append(w.communicate(timeout=300)[1].decode())
+        assert w.returncode == 0 and "Traceback" not in logs[-1], logs[-1]
+    logs.append(cli("sweep", "--config", sweep).stderr)  # the same command again: nothing left, or the orphan
+    # the killed worker's trial was taken over exactly once: by a surviving worker (its lock is no longer held) or the rerun
+    assert sum(log.count("was interrupted") for log in logs) == 1, logs
+    found = trials(out)
+    assert sorted(found) == [0, 1, 2, 3]
+    assert {t.state.name for t in found.values()} == {"COMPLETE"}
+    assert sorted(t.params["training.learning_rate"] for t in found.values()) == grid  # every point once
+    assert sorted(r["trial"] for r in read_jsonl(out / "leaderboard.jsonl")) == [0, 1, 2, 3]
