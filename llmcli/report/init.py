@@ -54,10 +54,10 @@ COMMANDS = ("pretrain", "finetune", "generate", "eval", "sweep")
 def run(command: str, from_path: str | None = None, output: str | None = None) -> str:
     """Build the YAML for `command`; print it, or write it to `output`. Returns the text."""
     sections = _sections(command)
-    if not from_path:
+    if command == "sweep":  # a sweep file's required keys (base, command, search) have no value to show
+        cfg = schema.load_sweep_config(from_path, []) if from_path else None
+    elif not from_path:
         cfg = config.Config()
-    elif command == "sweep":
-        cfg = schema.load_sweep_config(from_path, [])
     else:
         cfg = config.load_config(from_path, command=command)
     text = render(command, cfg, sections, from_path, output)
@@ -84,8 +84,8 @@ def _sections(command: str) -> tuple[str, ...]:
     return config.COMMAND_SECTIONS[command]
 
 
-def render(command: str, cfg: config.Config, sections: tuple[str, ...], from_path: str | None, output: str | None) -> str:
-    values = cfg.model_dump(mode="json")
+def render(command: str, cfg: BaseModel | None, sections: tuple[str, ...], from_path: str | None, output: str | None) -> str:
+    values = cfg.model_dump(mode="json") if cfg is not None else {}  # no config: every key at its default
     source = f"Values from {from_path}; every other key at its default." if from_path else "Keys left at their default can be deleted."
     lines = [
         f"# llmcli {command} --config {output or command + '.yaml'}",
@@ -98,9 +98,15 @@ def render(command: str, cfg: config.Config, sections: tuple[str, ...], from_pat
             continue
         lines.append("")
         sub = _submodel(field.annotation)
-        value = values.get(section) if section in values else getattr(cfg, section, None)
+        value = values[section] if section in values else _default(field)
         if section == "training":
             lines += _training(cfg)
+        elif section == "search":  # a mapping of config keys to search spaces, not one space
+            lines += _comment(_describe(field), 0)
+            lines += ["search:", *(line for k, v in value.items() for line in _dump(k, v, 2))] if value else ["search: {}"]
+            lines += _comment("e.g. training.learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}", 2)
+            for name, f in schema.SearchParam.model_fields.items():
+                lines += _comment(f"{name}: {_describe(f)}", 2)
         elif sub is not None and isinstance(value, dict):
             lines += _comment(SECTION_HELP.get(section) or _doc(sub) or field.description, 0)
             lines.append(f"{section}:")
@@ -208,13 +214,13 @@ def _describe(field) -> str:
 
 
 def _literal_choices(annotation) -> tuple | None:
+    """The values a field takes: its Literal's and Enum's members together (task: auto or a Task)."""
     if typing.get_origin(annotation) is typing.Literal:
         return typing.get_args(annotation)
-    for arg in typing.get_args(annotation):
-        found = _literal_choices(arg)
-        if found:
-            return found
-    return None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return tuple(member.value for member in annotation)
+    found = [c for arg in typing.get_args(annotation) for c in (_literal_choices(arg) or ())]
+    return tuple(found) or None
 
 
 def _submodel(annotation) -> type[BaseModel] | None:

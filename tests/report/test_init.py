@@ -132,7 +132,33 @@ def test_bad_uses_exit_2(cli, tmp_path):
 def test_init_sweep_needs_a_sweep_config(cli, tmp_path):
     out = tmp_path / "sweep.yaml"
     cli("init", "sweep", "-o", out)
-    assert set(yaml.safe_load(out.read_text())) == set(schema.SweepConfig.model_fields)
+    written = yaml.safe_load(out.read_text())
+    assert set(written) == set(schema.SweepConfig.model_fields)
+    # defaults are the schema's (not null), and search is a mapping of keys to spaces, not one space
+    assert (written["metric"], written["direction"], written["sampler"], written["baseline"]) == ("eval_loss", "minimize", "tpe", True)
+    assert written["search"] == {} and "training.learning_rate: {type: float" in out.read_text()
+
+
+def test_init_sweep_validates_once_filled_and_from_keeps_every_key(cli, tmp_path):
+    """The written file is a valid sweep once the keys without a default are given (base, command,
+    search; n_trials for tpe), and --from a sweep file keeps every key, the searched ones included."""
+    out = tmp_path / "sweep.yaml"
+    cli("init", "sweep", "-o", out)
+    filled = yaml.safe_load(out.read_text())
+    filled.update(base=str(ROOT / "configs/shakespeare.yaml"), command="pretrain", n_trials=4,
+                  search={"training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                          "training.weight_decay": {"type": "categorical", "choices": [0.0, 0.1]}})
+    (tmp_path / "filled.yaml").write_text(yaml.safe_dump(filled))
+    source = schema.load_sweep_config(tmp_path / "filled.yaml")
+    again = tmp_path / "again.yaml"
+    cli("init", "sweep", "--from", tmp_path / "filled.yaml", "-o", again)
+    assert schema.load_sweep_config(again) == source and set(source.search) == {"training.learning_rate", "training.weight_decay"}
+
+
+def test_init_lists_every_task(cli):
+    text = cli("init", "pretrain").stdout
+    assert "One of: auto, causal-lm, masked-lm, classification, reward, dpo, rl." in " ".join(
+        line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
 
 
 def test_shell_completion(tmp_path):
