@@ -55,7 +55,7 @@ def inspect_run(path: str | os.PathLike) -> dict[str, Any]:
     tokens = summary.get("train_tokens") if ended else None
     if not tokens:
         tokens = int(_last(records, "num_input_tokens_seen") or 0) or None
-    train_time = _train_time(records, summary, status)
+    train_time = curves.train_time(records, summary, running=status == "running")
     max_steps = training.get("max_steps") if isinstance(training.get("max_steps"), int) and training["max_steps"] > 0 else None
     row: dict[str, Any] = {
         "path": str(path),
@@ -131,28 +131,6 @@ def _final_eval(records, summary) -> dict[str, float]:
 def _last(records, key):
     _, values = curves.series(records, key)
     return values[-1] if values else None
-
-
-def _train_time(records, summary, status) -> float | None:
-    """Training time summed over the run's sessions (a resume starts a new one). Trainer logs
-    each session's running `train_runtime`; a session ends with its train_loss record."""
-    total, current, last_time, seen = 0.0, 0.0, None, False
-    for record in records:
-        runtime = record.get("train_runtime")
-        if not isinstance(runtime, (int, float)):
-            continue
-        seen = True
-        if curves.SESSION_END_KEY in record:
-            total, current = total + runtime, 0.0
-            continue
-        if runtime < current:  # a new session began without an end record (its process was killed)
-            total += current
-        current, last_time = runtime, record.get("time")
-    if not seen:
-        return summary.get("train_runtime_s")
-    if current and status == "running" and isinstance(last_time, (int, float)):
-        current += max(0.0, time.time() - last_time)  # still going: count up to now
-    return total + current
 
 
 def _task(summary, cfg, path, records) -> str | None:

@@ -18,6 +18,7 @@ from llmcli import console, files, layout
 from llmcli.config import load_config
 from llmcli.errors import ConfigError
 from llmcli.sweep.schema import SweepConfig, param_override
+from llmcli.train import curves
 
 
 def report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
     for rank, t in enumerate(trials, 1):
         run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
         summary = layout.read_summary(run_dir) or {}
+        runtime = curves.train_time(curves.read_metrics(run_dir), summary) if run_dir.is_dir() else None
         note = t.user_attrs.get("error", "")
         if t.state == TrialState.PRUNED:
             note = f"pruned at evaluation {t.user_attrs.get('pruned_at_eval', '?')}"
@@ -53,7 +55,7 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
         if baseline and t.number == 0:
             note = "; ".join(filter(None, ["the base config", note]))
         rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
-                     "global_step": summary.get("global_step"), "train_runtime_s": summary.get("train_runtime_s"),
+                     "global_step": summary.get("global_step"), "train_runtime_s": runtime,
                      "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note})
     return rows
 

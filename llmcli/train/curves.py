@@ -78,6 +78,29 @@ def resume_steps(records: list[dict[str, Any]]) -> list[int]:
     return sorted({records[i]["step"] for i in ends if i < len(records) - 1 and any("loss" in r for r in records[i + 1:])})
 
 
+def train_time(records: list[dict[str, Any]], summary: dict[str, Any], running: bool = False) -> float | None:
+    """Training time summed over the run's sessions (a resume starts a new one; summary.json's
+    train_runtime_s is the last session's only). Trainer logs each session's running
+    `train_runtime`; a session ends with its train_loss record. A running run counts up to now."""
+    total, current, last_time, seen = 0.0, 0.0, None, False
+    for record in records:
+        runtime = record.get("train_runtime")
+        if not isinstance(runtime, (int, float)):
+            continue
+        seen = True
+        if SESSION_END_KEY in record:
+            total, current = total + runtime, 0.0
+            continue
+        if runtime < current:  # a new session began without an end record (its process was killed)
+            total += current
+        current, last_time = runtime, record.get("time")
+    if not seen:
+        return summary.get("train_runtime_s")
+    if current and running and isinstance(last_time, (int, float)):
+        current += max(0.0, time.time() - last_time)  # still going: count up to now
+    return total + current
+
+
 def feedback_keys(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """Reward-like and KL-like keys (`reward`, `rewards/chosen`, `kl`, `objective/kl`, ...)."""
     seen: dict[str, None] = {}

@@ -103,6 +103,11 @@ def test_two_workers_then_kill9_and_sigterm_mid_trial_and_the_rerun_resumes_both
     assert {n: s["resumed_from"] for n, s in summaries.items()} == {of[a.pid]: 3, of[b.pid]: 2, 2: None}
     assert all(found[n].params == running[n].params for n in (0, 1))  # the same trials, not new ones
     assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0000", "trial-0001", "trial-0002"]
+    # the leaderboard's runtime is both sessions' of a resumed trial (summary.json's is the last session's)
+    board = {r["trial"]: r for r in read_jsonl(out / "leaderboard.jsonl")}
+    for n in (of[a.pid], of[b.pid]):
+        sessions = [r["train_runtime"] for r in read_jsonl(out / f"trial-{n:04d}" / "metrics.jsonl") if "train_loss" in r]
+        assert board[n]["train_runtime_s"] > summaries[n]["train_runtime_s"] == sessions[-1]
 
     # every trial dir is an ordinary run whose config holds the trial's parameters
     for n, t in found.items():
