@@ -5,12 +5,14 @@
 
 The keys, defaults and descriptions come from the schema (`llmcli/config.py`, the sections in
 `COMMAND_SECTIONS`; `llmcli/sweep/schema.py` for a sweep file); `training:` lists llmcli's keys
-and, commented out with the defaults of the installed `transformers.TrainingArguments`, the
-arguments most runs touch. The output is a valid `--config` for the command.
+and, commented out with the defaults of the installed `transformers.TrainingArguments` (read from
+its source: no torch import), the arguments most runs touch. The output is a valid `--config` for
+the command.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
 import typing
@@ -154,9 +156,9 @@ def _model_lines(model: type[BaseModel], values: dict[str, Any], indent: int) ->
 def _training(cfg: config.Config) -> list[str]:
     """llmcli's training keys, then the config's other TrainingArguments keys, then the common ones
     it leaves unset (commented out, with TrainingArguments' defaults)."""
-    from transformers import TrainingArguments
+    from importlib import metadata
 
-    ta_fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    ta_fields = training_argument_fields()
     section = config.TrainingSection
     values = cfg.training.model_dump(mode="json")
     lines = _comment(SECTION_HELP["training"], 0) + ["training:"]
@@ -170,29 +172,86 @@ def _training(cfg: config.Config) -> list[str]:
         lines += _dump(name, values.get(name), 2)
     unset = [k for k in COMMON_TRAINING_ARGUMENTS if k in ta_fields and k not in values]
     if unset:
-        import transformers
-
         lines.append("")
-        lines += _comment(f"Common TrainingArguments (defaults of transformers {transformers.__version__}); uncomment to change. "
-                          "Any other TrainingArguments field works too.", 2)
+        lines += _comment(f"Common TrainingArguments (defaults of transformers {metadata.version('transformers')}); uncomment to "
+                          "change. Any other TrainingArguments field works too.", 2)
         for name in unset:
             lines += _comment(_ta_help(ta_fields[name], name), 2)
-            lines += ["  # " + line[2:] for line in _dump(name, _ta_default(ta_fields[name]), 2)]
+            lines += ["  # " + line[2:] for line in _dump(name, ta_fields[name].default, 2)]
     return lines
 
 
-def _ta_default(field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    elif field.default_factory is not dataclasses.MISSING:
-        value = field.default_factory()
-    else:
+@dataclasses.dataclass
+class TrainingArgument:
+    default: Any
+    help: str
+
+
+def training_argument_fields() -> dict[str, TrainingArgument]:
+    """The installed `transformers.TrainingArguments` fields, each with its default and help, read
+    from its source rather than imported: importing it loads torch (5 s), and `llmcli init` stays
+    torch-free. A default that is no literal is the last value the class body gives that name
+    (`optim`'s default_optim); the import is the fallback should the source not parse."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("transformers")
+        tree = ast.parse((Path(next(iter(spec.submodule_search_locations))) / "training_args.py").read_text(encoding="utf-8"))
+        body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments").body
+    except (AttributeError, OSError, StopIteration, SyntaxError, TypeError):
+        return _imported_training_argument_fields()
+    names: dict[str, Any] = {}
+    for node in _class_statements(body):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            names[node.targets[0].id] = _literal(node.value, {})
+    fields = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)) or node.value is None:
+            continue
+        default, help_ = node.value, ""
+        if isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "field":
+            keywords = {kw.arg: kw.value for kw in node.value.keywords}
+            default = keywords.get("default")
+            meta = _literal(keywords["metadata"], {}) if "metadata" in keywords else None
+            help_ = meta.get("help", "") if isinstance(meta, dict) else ""
+        fields[node.target.id] = TrainingArgument(_literal(default, names), help_ or "")
+    return fields
+
+
+def _literal(node, names: dict[str, Any]) -> Any:
+    if node is None:
         return None
-    return value.value if isinstance(value, enum.Enum) else value
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
-def _ta_help(field, name: str) -> str:
-    text = " ".join(((field.metadata.get("help") if field else None) or "").split()).replace("%%", "%")
+def _class_statements(body):
+    """The statements of a class body, into its if/try blocks but not its methods."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.If, ast.Try)):
+            for block in (node.body, node.orelse, *(getattr(node, "finalbody", None) or [],)):
+                yield from _class_statements(block)
+
+
+def _imported_training_argument_fields() -> dict[str, TrainingArgument]:
+    from transformers import TrainingArguments
+
+    out = {}
+    for f in dataclasses.fields(TrainingArguments):
+        if f.init:
+            value = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out[f.name] = TrainingArgument(value.value if isinstance(value, enum.Enum) else value, f.metadata.get("help", ""))
+    return out
+
+
+def _ta_help(field: TrainingArgument | None, name: str) -> str:
+    text = " ".join(((field.help if field else None) or "").split()).replace("%%", "%")
     first = ""
     for sentence in text.split(". "):
         first = f"{first}. {sentence}" if first else sentence

@@ -3,6 +3,8 @@ description and default; `--from` keeps a config's values; shell completion."""
 
 import dataclasses
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -173,3 +175,23 @@ def test_shell_completion(tmp_path):
     assert runner.invoke(app, [], prog_name="llmcli", env=env).stdout == "report\n"
     env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli init f", "COMP_CWORD": "2"}
     assert runner.invoke(app, [], prog_name="llmcli", env=env).stdout == "finetune\n"
+
+
+def test_training_arguments_read_from_source_equal_the_imported_class():
+    """`init` reads TrainingArguments' defaults and help from its source (no torch import); they are
+    the imported dataclass's own for every common argument."""
+    from llmcli.report.init import COMMON_TRAINING_ARGUMENTS, _imported_training_argument_fields, training_argument_fields
+
+    read, imported = training_argument_fields(), _imported_training_argument_fields()
+    assert set(read) == set(imported)
+    for name in COMMON_TRAINING_ARGUMENTS:
+        assert (read[name].default, read[name].help) == (imported[name].default, imported[name].help), name
+
+
+def test_init_never_imports_torch():
+    code = ("import sys\nfrom llmcli.cli import app\n"
+            "try:\n    app(['init', 'finetune'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
