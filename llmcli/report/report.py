@@ -29,6 +29,8 @@ from typing import Any
 
 from llmcli import console, layout
 from llmcli.errors import EXIT_SIGINT, ConfigError
+from llmcli.report import sweeps
+from llmcli.report.sweeps import progress_line
 from llmcli.report.runinfo import inspect_run
 from llmcli.train import curves
 
@@ -44,15 +46,17 @@ def run(paths: list[str], as_json: bool = False, plot: bool = False, watch: bool
     if output is not None and not Path(output).parent.is_dir():
         raise ConfigError(f"--output {output}: directory {Path(output).parent} does not exist")
     if watch:
-        rows = _watch(dirs, interval, as_json)
-        if rows is None:
+        snapshot = _watch(paths, interval, as_json)
+        if snapshot is None:
             return EXIT_SIGINT
+        dirs, rows, sweeps = snapshot
     else:
-        rows = [inspect_run(d) for d in dirs]
+        dirs, rows, sweeps = _snapshot(paths, dirs)
         if not as_json:
-            print_table(rows)
+            print_table(rows, sweeps=sweeps)
     if as_json:
-        print(json.dumps({"runs": [_finite(r) for r in rows]}, indent=2, allow_nan=False))
+        out = {"runs": [_finite(r) for r in rows], **({"sweeps": [_finite(w) for w in sweeps]} if sweeps else {})}
+        print(json.dumps(out, indent=2, allow_nan=False))
     if output is not None:
         console.info(f"wrote {compare_png(dirs, rows, output)}")
     if plot:
@@ -93,6 +97,24 @@ def expand(paths: list[str]) -> list[Path]:
             seen.add(d.resolve())
             unique.append(d)
     return unique
+
+
+def _snapshot(paths: list[str], dirs: list[Path] | None = None):
+    """(run dirs, their rows, the sweeps among the arguments): a sweep's trials carry the study's
+    state and parameters, and one the study holds WAITING (requeued, or queued again after a
+    failure) reads `waiting`, not interrupted."""
+    dirs = expand(paths) if dirs is None else dirs
+    found = [sweeps.inspect_sweep(d) for d in sweeps.sweep_dirs(paths)]
+    rows = []
+    for d in dirs:
+        row = inspect_run(d)
+        trial = sweeps.trial_of(d, found)
+        if trial is not None:
+            row["trial"] = trial
+            if trial["state"] == "WAITING" and row["status"] == "interrupted":
+                row["status"] = "waiting"
+        rows.append(row)
+    return dirs, rows, found
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -152,21 +174,27 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             status = f"running (pid {r['lock']['pid']}{'' if r['lock'].get('host') == socket.gethostname() else ' on ' + str(r['lock'].get('host'))})"
         elif status == "failed" and r.get("error"):
             status = f"failed: {str(r['error'])[:60]}"
+        shown = r["path"]
+        if r.get("trial") and r["trial"].get("params"):  # a sweep's trial: its parameters beside its dir
+            shown += " " + " ".join(f"{k.rsplit('.', 1)[-1]}={_metric_text(v) if isinstance(v, float) else v}"
+                                    for k, v in r["trial"]["params"].items())
         out.append([
-            r["path"], r["model"] or "-", _num(r["params"], curves.human), r["task"] or "-", steps, _num(r["tokens"], curves.human),
+            shown, r["model"] or "-", _num(r["params"], curves.human), r["task"] or "-", steps, _num(r["tokens"], curves.human),
             _num(r["train_time_s"], _duration), _num(r["tokens_per_second"], lambda v: f"{v:,.0f}"),
             r["metric"] or "-", _num(r["final"], _metric_text), _num(r["best"], _metric_text), status,
         ])
     return out
 
 
-def print_table(rows: list[dict[str, Any]], live=None) -> None:
+def print_table(rows: list[dict[str, Any]], live=None, sweeps: list[dict[str, Any]] = ()) -> None:
+    """The runs' table, under one progress line per sweep."""
     cells = table_rows(rows)
+    heading = [progress_line(w) for w in sweeps]
     if sys.stdout.isatty() or live is not None:
         from rich.console import Console
         from rich.table import Table
 
-        tab = Table(show_lines=False)
+        tab = Table(show_lines=False, title="\n".join(heading) or None)
         for name in _COLUMNS:
             tab.add_column(name, justify="left" if name in ("run", "model", "task", "metric", "status") else "right", overflow="fold")
         for row in cells:
@@ -176,6 +204,8 @@ def print_table(rows: list[dict[str, Any]], live=None) -> None:
         else:
             Console().print(tab)
         return
+    for line in heading:
+        print(line)
     widths = [max(len(c[i]) for c in [list(_COLUMNS), *cells]) for i in range(len(_COLUMNS))]
     for row in [list(_COLUMNS), *cells]:
         print("  ".join(c.ljust(w) if i in (0, 1, 3, 8, 11) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
@@ -201,9 +231,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def _watch(dirs: list[Path], interval: float, as_json: bool) -> list[dict] | None:
-    """Refresh until no run is running (a TTY redraws in place; a pipe gets a table whenever a
-    run's step or status changes). Returns the last rows, or None after Ctrl-C."""
+def _watch(paths: list[str], interval: float, as_json: bool):
+    """Refresh until no run is running and every sweep among the arguments is done (the run list is
+    found again each time, so a sweep's new trials join it; a TTY redraws in place, a pipe gets a
+    table whenever a run's step or status changes). Returns the last snapshot, or None after Ctrl-C."""
     live = None
     shown = None
     try:
@@ -213,15 +244,15 @@ def _watch(dirs: list[Path], interval: float, as_json: bool) -> list[dict] | Non
             live = Live(auto_refresh=False, transient=False)
             live.start()
         while True:
-            rows = [inspect_run(d) for d in dirs]
-            state = [(r["status"], r["step"]) for r in rows]
+            dirs, rows, found = _snapshot(paths)
+            state = [(r["path"], r["status"], r["step"]) for r in rows]
             if not as_json and (live is not None or state != shown):
                 if live is None and shown is not None:
                     print(f"\n{time.strftime('%H:%M:%S')}")
-                print_table(rows, live)
+                print_table(rows, live, sweeps=found)
                 shown = state
-            if not any(r["status"] == "running" for r in rows):
-                return rows
+            if not any(r["status"] == "running" for r in rows) and all(w.get("done", True) for w in found):
+                return dirs, rows, found
             time.sleep(interval)
     except KeyboardInterrupt:
         return None

@@ -61,6 +61,8 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     files.ensure_writable_dir(sweep_dir)
     study = studies.open_study(sweep, sweep_dir, storage, list(overrides), sweep.baseline_params(overrides))
     budget = studies.budget(sweep)
+    if budget is not None and study.user_attrs.get("budget") != budget:
+        study.set_user_attr("budget", budget)  # for `llmcli report`'s progress and --watch
     command = importlib.import_module(f"llmcli.train.{sweep.command}")
     started = time.time()
     while sweep.timeout is None or time.time() - started < sweep.timeout:
@@ -192,10 +194,10 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
     except LockedError as err:
         # another live worker re-attached this trial at the same moment and holds its dir: leave it to that worker
         holder = rundir.RunLock(trial_dir).holder() or {}
-        trial.set_user_attr("worker_host", holder.get("host", previous.get("worker_host")))
-        trial.set_user_attr("worker_pid", holder.get("pid", previous.get("worker_pid")))
+        trial.set_user_attr("heartbeat", time.time())  # the holder's identity, host last (see _claim)
         trial.set_user_attr("worker_boot", previous.get("worker_boot") if holder.get("host") != socket.gethostname() else _boot_id())
-        trial.set_user_attr("heartbeat", time.time())
+        trial.set_user_attr("worker_pid", holder.get("pid", previous.get("worker_pid")))
+        trial.set_user_attr("worker_host", holder.get("host", previous.get("worker_host")))
         console.warn(f"trial {trial.number}: {err}; leaving it to that worker")
         return
     except TrainingFailed as err:  # these parameters diverged: a result of the search, not a sweep failure
@@ -255,8 +257,11 @@ def _suggest_param(trial, key: str, s):
 
 
 def _claim(trial, trial_dir: Path) -> None:
-    for key, value in (("worker_host", socket.gethostname()), ("worker_boot", _boot_id()), ("worker_pid", os.getpid()),
-                       ("heartbeat", time.time()), ("run_dir", str(trial_dir))):
+    """Record this worker on the trial. Attributes are stored one at a time and other workers read
+    them meanwhile, so worker_host, which `_worker_alive` and a rerun look for, comes last: whoever
+    sees it sees the pid and heartbeat too."""
+    for key, value in (("heartbeat", time.time()), ("run_dir", str(trial_dir)), ("worker_boot", _boot_id()),
+                       ("worker_pid", os.getpid()), ("worker_host", socket.gethostname())):
         trial.set_user_attr(key, value)
 
 
