@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="400 training and 200 dev sentences")
     ap.add_argument("--skip-workers", action="store_true", help="skip the two-worker run")
+    ap.add_argument("--pruners", default="median", help="comma-separated pruners to time against none (median, successive_halving, hyperband)")
     ap.add_argument("--work", default="bench-out/sweep-runs", help="where the runs go (emptied first)")
     ap.add_argument("--out", default="bench-out/sweep.json")
     args = ap.parse_args()
@@ -124,19 +125,21 @@ def main() -> None:
     shipped = {"wall_s": wall, "dev_accuracy": json.loads((work / "shipped" / "summary.json").read_text())["eval_accuracy"]}
     results = {"shipped_config": shipped,
                "no_pruning": run_sweep(sweep_file(work, "no-pruning", pruner="none"), sets),
-               "median_pruning": run_sweep(sweep_file(work, "pruning"), sets)}
+               **{f"{name}_pruning": run_sweep(sweep_file(work, name, pruner=name), sets) for name in args.pruners.split(",")}}
     if not args.skip_workers:
         results["two_workers"] = two_workers(sweep_file(work, "two-workers"), sets)
-    ratio = results["median_pruning"]["wall_s"] / results["no_pruning"]["wall_s"]
+    pruned = [f"{name}_pruning" for name in args.pruners.split(",")]
+    ratios = {name: results[name]["wall_s"] / results["no_pruning"]["wall_s"] for name in pruned}
     report = {"benchmark": f"llmcli sweep: MiniLM on {n_train} SST-2 sentences, 8-trial lr x batch grid, dev {n_dev or 'all 872'}",
-              "machine": f"{os.cpu_count()} CPU cores", "results": results, "time_ratio_pruning_over_none": ratio}
-    print(f"{'':16} {'wall s':>8} {'train s':>8} {'steps':>6} {'complete':>9} {'pruned':>7} {'best dev acc':>13}  best trial")
-    for name in ("no_pruning", "median_pruning"):
+              "machine": f"{os.cpu_count()} CPU cores", "results": results, "time_ratio_pruning_over_none": ratios}
+    print(f"{'':28} {'wall s':>8} {'train s':>8} {'steps':>6} {'complete':>9} {'pruned':>7} {'best dev acc':>13}  best trial")
+    for name in ("no_pruning", *pruned):
         r = results[name]
-        print(f"{name:16} {r['wall_s']:8.1f} {r['train_runtime_s']:8.1f} {r['train_steps']:6d} {r['states']['COMPLETE']:9d} "
-              f"{r['states']['PRUNED']:7d} {r['best_dev_accuracy']:13.4f}  {r['best']['params']}")
-    print(f"{'shipped config':16} {shipped['wall_s']:8.1f} {'':8} {'':6} {'':9} {'':7} {shipped['dev_accuracy']:13.4f}  lr 1e-4, batch 32")
-    print(f"time with pruning / without: {ratio:.3f}")
+        print(f"{name:28} {r['wall_s']:8.1f} {r['train_runtime_s']:8.1f} {r['train_steps']:6d} {r['states'].get('COMPLETE', 0):9d} "
+              f"{r['states'].get('PRUNED', 0):7d} {r['best_dev_accuracy']:13.4f}  {r['best']['params']}")
+    print(f"{'shipped config':28} {shipped['wall_s']:8.1f} {'':8} {'':6} {'':9} {'':7} {shipped['dev_accuracy']:13.4f}  lr 1e-4, batch 32")
+    for name, ratio in ratios.items():
+        print(f"time with {name} / without: {ratio:.3f}")
     if "two_workers" in results:
         w = results["two_workers"]
         print(f"two workers: {w['finished_trials']} trials in {w['wall_s']:.1f} s, numbers {w['trial_numbers']}, "

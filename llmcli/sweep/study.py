@@ -19,6 +19,18 @@ from llmcli.sweep.results import fmt
 from llmcli.sweep.schema import SweepConfig, move_to_front
 
 
+def make_pruner(sweep: SweepConfig):
+    """The sweep file's pruner. Trials report evaluation 1, 2, ..., so an evaluation is the resource
+    that successive halving and Hyperband allot: `pruner_warmup_evals + 1` is their smallest rung."""
+    if sweep.pruner == "median":
+        return median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals)
+    if sweep.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.pruner_warmup_evals + 1)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=sweep.pruner_warmup_evals + 1)
+    return optuna.pruners.NopPruner()
+
+
 def median_pruner(startup_trials: int, warmup_evals: int):
     """Optuna's median pruner as the sweep file means it. Trials report evaluation 1, 2, ... and Optuna
     may prune at any step >= n_warmup_steps, so sparing the first `warmup_evals` takes warmup_evals + 1."""
@@ -32,7 +44,7 @@ def open_study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, overrid
     url = storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}"
     rdb = _rdb_storage(url)
     name = sweep.study_name or sweep_dir.resolve().name
-    pruner = median_pruner(sweep.pruner_startup_trials, sweep.pruner_warmup_evals) if sweep.pruner == "median" else optuna.pruners.NopPruner()
+    pruner = make_pruner(sweep)
     try:
         study = optuna.create_study(storage=rdb, study_name=name, direction=sweep.direction, sampler=_sampler(sweep, baseline[0]),
                                     pruner=pruner, load_if_exists=True)

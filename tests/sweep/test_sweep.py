@@ -546,3 +546,15 @@ def test_report_knows_a_sweep_and_watches_it_until_done(cli, tmp_path):
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     only = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert only.returncode == 0 and only.stdout.strip().splitlines()[-1] == "[]", only.stderr
+
+
+@pytest.mark.parametrize("pruner, cls", [("successive_halving", "SuccessiveHalvingPruner"), ("hyperband", "HyperbandPruner")])
+def test_successive_halving_and_hyperband_prune_on_evaluations(cli, tmp_path, pruner, cls):
+    """The evaluation is their resource: pruner_warmup_evals + 1 is the smallest rung; a sweep runs with them."""
+    from llmcli.sweep.study import make_pruner
+
+    made = make_pruner(load_sweep_config(write_sweep(tmp_path, pruner=pruner, pruner_warmup_evals=1)))
+    assert type(made).__name__ == cls and made._min_resource == 2
+    result = cli("sweep", "--config", write_sweep(tmp_path, pruner=pruner, n_trials=3), "--set", "training.max_steps=4")
+    states = [r["state"] for r in read_jsonl(tmp_path / "sweep" / "leaderboard.jsonl")]
+    assert len(states) == 3 and set(states) <= {"COMPLETE", "PRUNED"} and states[0] == "COMPLETE", result.stderr
