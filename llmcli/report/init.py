@@ -234,7 +234,7 @@ def _class_statements(body):
     for node in body:
         yield node
         if isinstance(node, (ast.If, ast.Try)):
-            for block in (node.body, node.orelse, *(getattr(node, "finalbody", None) or [],)):
+            for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
                 yield from _class_statements(block)
 
 

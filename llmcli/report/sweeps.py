@@ -26,9 +26,10 @@ def inspect_sweep(sweep_dir: Path) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{sweep_dir.resolve() / STUDY_DB}"
-    try:
-        (summary,) = optuna.get_all_study_summaries(url)
-        study = optuna.load_study(study_name=summary.study_name, storage=url)
+    try:  # read-only; waits for a worker's write lock rather than failing
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}, skip_table_creation=True)
+        (summary,) = optuna.get_all_study_summaries(storage)
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
     except Exception as err:  # not yet created, several studies, or not an Optuna database
         return {"path": str(sweep_dir), "error": f"{type(err).__name__}: {err}"[:200]}
     trials = study.get_trials(deepcopy=False)
