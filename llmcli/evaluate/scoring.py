@@ -29,18 +29,22 @@ class Scorer:
 
         if self.is_reward_model and add_eos and self.tokenizer.eos_token:
             texts = [t + self.tokenizer.eos_token for t in texts]  # as TRL's RewardTrainer trained it
-        self._warn_if_cut(texts)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [0.0] * len(texts)
         self.tokenizer.padding_side = "right"  # absolute positions start at 0
         self.tokenizer.truncation_side = "left"
         was_training = self.model.training
         self.model.eval()
+        cut = 0
         try:
             for b in range(0, len(order), self.batch_size):
                 idx = order[b : b + self.batch_size]
-                enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=self.context is not None,
-                                     max_length=self.context, return_tensors="pt").to(self.model.device)
+                batch = [texts[i] for i in idx]
+                enc = self.tokenizer(batch, padding=True, return_tensors="pt")
+                if self.context is not None and enc["input_ids"].shape[1] > self.context:  # encoded again only then
+                    cut += int((enc["attention_mask"].sum(1) > self.context).sum())
+                    enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.context, return_tensors="pt")
+                enc = enc.to(self.model.device)
                 with torch.inference_mode():
                     logits = self.model(**enc).logits.float()
                 values = logits[:, 0] if self.is_reward_model else torch.softmax(logits, dim=-1)[:, self.index]
@@ -48,18 +52,15 @@ class Scorer:
                     out[i] = v
         finally:
             self.model.train(was_training)
+        self._warn_if_cut(cut, len(texts))
         return out
 
-    def _warn_if_cut(self, texts: list[str]) -> None:
-        """One warning per scorer, counting the texts of the first batch that had to be cut."""
-        if self.context is None or self.warned:
-            return
-        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
-        cut = sum(n > self.context for n in lengths)
-        if cut:
+    def _warn_if_cut(self, cut: int, total: int) -> None:
+        """One warning per scorer, counting the cut texts of the first call that cut any."""
+        if cut and not self.warned:
             from llmcli import console
 
-            console.warn(f"{cut} of {len(texts)} texts are longer than the scoring model's context ({self.context} tokens): "
+            console.warn(f"{cut} of {total} texts are longer than the scoring model's context ({self.context} tokens): "
                          "cut from the left, keeping the completion (warned once)")
             self.warned = True
 
