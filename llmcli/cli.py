@@ -318,6 +318,10 @@ def sweep(
         if quiet and not json_ and done.get("dir") and status:
             best = done.get("best") or {}
             shown = f" best=trial {best['trial']} {best['metric']}={best['value']:.6g}" if best else ""
+            if best.get("confirm"):
+                shown += f" mean={best['confirm']['mean']:.6g} seeds={best['confirm']['n']}"
+            if best.get("test"):
+                shown += f" test_{best['test']['metric']}={best['test']['mean']:.6g}"
             print(f"llmcli: sweep {done['dir']} {status}{shown}", file=sys.stderr, flush=True)
 
     _invoke(body, quiet or json_, debug, on_exit=final_line)

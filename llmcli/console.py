@@ -57,6 +57,7 @@ def table(title: str, rows: list[tuple[str, Any]], to_stderr: bool = False) -> N
     """A two-column table: rich on a terminal, `key: value` lines otherwise."""
     if _state["quiet"]:
         return
+    to_stderr = to_stderr or _state["summaries_to_stderr"]  # a sweep's stdout is its leaderboard alone
     stream = sys.stderr if to_stderr else sys.stdout
     if stream.isatty():
         from rich.console import Console

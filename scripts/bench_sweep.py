@@ -8,6 +8,8 @@ sample; then two `llmcli sweep` processes sharing one study, checked for duplica
 
     python scripts/bench_sweep.py --train ../shared/data/sst2/train.tsv --dev ../shared/data/sst2/dev.tsv
     python scripts/bench_sweep.py --train ... --dev ... --quick      # 400 sentences, 200 dev sentences: a few minutes
+    python scripts/bench_sweep.py --train ... --dev ... --confirm    # select on held-out train sentences, confirm
+                                                                     # the top 3 with 3 seeds, test on dev.tsv
 """
 
 from __future__ import annotations
@@ -35,6 +37,33 @@ def sample(src: Path, n: int | None, seed: int, dest: Path) -> None:
         random.Random(seed).shuffle(rows)
         rows = rows[:n]
     dest.write_text("\n".join([header] + rows) + "\n", encoding="utf-8")
+
+
+def split(src: Path, sizes: list[int], seed: int, dests: list[Path]) -> None:
+    """Disjoint seeded samples of one file (same header): a training sample and a held-out validation sample."""
+    lines = src.read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0], lines[1:]
+    random.Random(seed).shuffle(rows)
+    start = 0
+    for n, dest in zip(sizes, dests):
+        dest.write_text("\n".join([header] + rows[start:start + n]) + "\n", encoding="utf-8")
+        start += n
+
+
+def confirm_sweep(work: Path, train: Path, dev: Path, model: str, samples: int) -> dict:
+    """The grid selected on a held-out validation sample of train.tsv (disjoint from the training sample),
+    its top 3 re-run with seeds 1, 2, 3, the winner reported on GLUE dev.tsv as the test file."""
+    split(train, [samples, samples], 42, [work / "c-train.tsv", work / "c-valid.tsv"])
+    data = [f"model.model_name_or_path={model}", "data.dataset_name=null", f"data.train_file={work / 'c-train.tsv'}",
+            f"data.validation_file={work / 'c-valid.tsv'}", "data.max_train_samples=null"]
+    sets = [x for item in data for x in ("--set", item)]
+    result = run_sweep(sweep_file(work, "confirm", confirm={"top_k": 3, "seeds": [1, 2, 3]}, test_file=str(dev)), sets)
+    rows = trials_of(work / "confirm")
+    result["confirmed"] = [{"trial": r["trial"], "params": r["params"], "single_seed": r["eval_accuracy"], **r["confirm"]}
+                           for r in rows if r.get("confirm")]
+    result["single_seed_best"] = max((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["eval_accuracy"])["trial"]
+    result["test"] = next(r["test"] for r in rows if r.get("test"))
+    return result
 
 
 def llmcli(*args: str) -> tuple[float, subprocess.CompletedProcess]:
@@ -106,6 +135,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="400 training and 200 dev sentences")
     ap.add_argument("--skip-workers", action="store_true", help="skip the two-worker run")
     ap.add_argument("--pruners", default="median", help="comma-separated pruners to time against none (median, successive_halving, hyperband)")
+    ap.add_argument("--confirm", action="store_true", help="only the confirm sweep: select on a held-out train sample, "
+                    "re-run the top 3 with seeds 1-3, report the winner on --dev as the test file")
     ap.add_argument("--work", default="bench-out/sweep-runs", help="where the runs go (emptied first)")
     ap.add_argument("--out", default="bench-out/sweep.json")
     args = ap.parse_args()
@@ -113,6 +144,18 @@ def main() -> None:
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if args.confirm:
+        r = confirm_sweep(work, Path(args.train), Path(args.dev), model, 400 if args.quick else args.samples)
+        print(f"{'trial':>5} {'single seed':>12} {'mean ± std over seeds 1-3':>26}  params")
+        for c in r["confirmed"]:
+            print(f"{c['trial']:5d} {c['single_seed']:12.4f} {c['mean']:17.4f} ± {c['std']:.4f}  {c['params']}")
+        t = r["test"]
+        print(f"single-seed best: trial {r['single_seed_best']}; confirmed best: trial {r['best']['trial']}; "
+              f"its test accuracy ({t['file']}): {t['mean']:.4f} ± {t['std']:.4f} over {len(t['values'])} seeds; wall {r['wall_s']:.0f} s")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"benchmark": "llmcli sweep with confirm and a test file", "machine": f"{os.cpu_count()} CPU cores",
+                                              "results": r}, indent=2) + "\n")
+        return
     n_train, n_dev = (400, 200) if args.quick else (args.samples, None)
     sample(Path(args.train), n_train, 42, work / "train.tsv")
     sample(Path(args.dev), n_dev, 42, work / "dev.tsv")

@@ -1,6 +1,6 @@
 """TrainerCallbacks the tests plug in through `training.callbacks: [hooks:TestHooks]`.
 
-They make kill/signal/NaN tests deterministic: pause after step N (until a signal arrives),
+They make kill/signal/NaN tests deterministic: pause after step N (until a signal arrives; with HOOK_PAUSE_SEED only a run of that seed),
 pause inside the checkpoint save of step N (weights written, optimizer and trainer_state.json
 not yet), make the loss of step N non-finite, or fail at one learning rate (a sweep's failed trial). Settings come from HOOK_* environment variables;
 the marker file tells the test that the run is paused.
@@ -61,7 +61,7 @@ class TestHooks(TrainerCallback):
                 return original(*a, **kw)
 
             optimizer.state_dict = paused_state_dict
-        if _setting("PAUSE_AT_STEP") == step:
+        if _setting("PAUSE_AT_STEP") == step and os.environ.get("HOOK_PAUSE_SEED", str(args.seed)) == str(args.seed):
             _pause(until=_signal_received)
 
 

@@ -28,8 +28,9 @@ def inspect_sweep(sweep_dir: Path) -> dict[str, Any]:
     url = f"sqlite:///{sweep_dir.resolve() / STUDY_DB}"
     try:  # read-only; waits for a worker's write lock rather than failing
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}, skip_table_creation=True)
-        (summary,) = optuna.get_all_study_summaries(storage)
+        (summary,) = [s for s in optuna.get_all_study_summaries(storage) if "confirms" not in s.user_attrs]
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        runs = [s for s in optuna.get_all_study_summaries(storage) if s.user_attrs.get("confirms") == study.study_name]
     except Exception as err:  # not yet created, several studies, or not an Optuna database
         return {"path": str(sweep_dir), "error": f"{type(err).__name__}: {err}"[:200]}
     trials = study.get_trials(deepcopy=False)
@@ -39,9 +40,15 @@ def inspect_sweep(sweep_dir: Path) -> dict[str, Any]:
     budget = study.user_attrs.get("budget")
     active = states.get("RUNNING", 0) + states.get("WAITING", 0)
     taken = sum(map(counted, trials))
+    confirm: dict[str, int] = {}
+    for t in optuna.load_study(study_name=runs[0].study_name, storage=storage).get_trials(deepcopy=False) if runs else []:
+        if not t.user_attrs.get("surplus"):
+            confirm[t.state.name] = confirm.get(t.state.name, 0) + 1
+    active += confirm.get("RUNNING", 0) + confirm.get("WAITING", 0)
     return {
         "path": str(sweep_dir), "study": study.study_name, "budget": budget, "counted": taken, "states": states,
-        "done": active == 0 and (budget is None or taken >= budget),
+        "confirm_states": confirm, "done": active == 0 and (budget is None or taken >= budget)
+        and (not study.user_attrs.get("confirm") or bool(study.user_attrs.get("confirm_done"))),
         "trials": {t.number: {"state": t.state.name, "params": dict(t.params), "value": t.value} for t in trials},
     }
 
@@ -64,4 +71,6 @@ def progress_line(sweep: dict[str, Any]) -> str:
         return f"sweep {sweep['path']}: study unreadable ({sweep['error']})"
     of = f" of {sweep['budget']}" if sweep.get("budget") else ""
     states = ", ".join(f"{n.lower()} {k}" for n, k in sorted(sweep["states"].items()))
-    return f"sweep {sweep['path']}: {sweep['counted']}{of} trials ({states}){'' if not sweep['done'] else ', done'}"
+    runs = ", ".join(f"{n.lower()} {k}" for n, k in sorted(sweep.get("confirm_states", {}).items()))
+    runs = f"; confirm runs ({runs})" if runs else ""
+    return f"sweep {sweep['path']}: {sweep['counted']}{of} trials ({states}){runs}{'' if not sweep['done'] else ', done'}"

@@ -17,28 +17,44 @@ from optuna.trial import TrialState
 from llmcli import console, files, layout
 from llmcli.config import load_config
 from llmcli.errors import ConfigError
+from llmcli.sweep import confirm
 from llmcli.sweep.schema import SweepConfig, param_override
 from llmcli.train import curves
 
 
-def report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool) -> dict[str, Any]:
-    rows = write_tables(study, sweep, sweep_dir)
-    best = _write_best(study, sweep, sweep_dir)
+def report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool, overrides: list[str]) -> dict[str, Any]:
+    rows = write_tables(study, sweep, sweep_dir, overrides)
+    best = _write_best(study, sweep, sweep_dir, rows)
+    if best and sweep.test_file:
+        winner = next(r for r in rows if r["trial"] == best["trial"])
+        runs = list(winner["confirm"]["run_dirs"].values()) if winner.get("confirm") else [best["run_dir"]]
+        best["test"] = winner["test"] = confirm.test_results(sweep, runs)
+        rows = write_tables(study, sweep, sweep_dir, overrides, test={best["trial"]: best["test"]})
     _plots(study, sweep, sweep_dir)
     if as_json:
         print(json.dumps(best or {}, default=files.json_default))
     else:
         _print_leaderboard(rows, sweep)
         if best:
-            console.info(f"best: trial {best['trial']} {sweep.metric} {fmt(best['value'])}; config {best['config']}")
+            shown = confirm.mean_std(best["confirm"]) + " over seeds" if best.get("confirm") else fmt(best["value"])
+            test = f"; test {best['test']['metric']} {confirm.mean_std(best['test'])}" if best.get("test") else ""
+            console.info(f"best: trial {best['trial']} {sweep.metric} {shown}{test}; config {best['config']}")
     return best or {}
 
 
-def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str], test: dict) -> list[dict[str, Any]]:
+    """Confirmed trials first, by their mean over seeds; then the others by state and value."""
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 2, TrialState.FAIL: 3}
     sign = -1 if sweep.direction == "maximize" else 1
+    confirmed = confirm.confirmed(study, sweep, overrides, sweep_dir)
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
-    trials.sort(key=lambda t: (order.get(t.state, 4), sign * t.value if t.value is not None else math.inf, t.number))
+
+    def rank(t):
+        mean = (confirmed.get(t.number) or {}).get("mean")
+        return (mean is None, sign * mean if mean is not None else 0.0, order.get(t.state, 4),
+                sign * t.value if t.value is not None else math.inf, t.number)
+
+    trials.sort(key=rank)
     baseline = (study.user_attrs.get("sweep") or {}).get("baseline") is not None
     rows = []
     for rank, t in enumerate(trials, 1):
@@ -54,28 +70,39 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, A
             note = f"resumed from step {summary['resumed_from']}"
         if baseline and t.number == 0:
             note = "; ".join(filter(None, ["the base config", note]))
-        rows.append({"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
-                     "global_step": summary.get("global_step"), "train_runtime_s": runtime,
-                     "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note})
+        row = {"rank": rank, "trial": t.number, "state": t.state.name, sweep.metric: t.value, "params": dict(t.params),
+               "global_step": summary.get("global_step"), "train_runtime_s": runtime,
+               "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note}
+        if t.number in confirmed:
+            row["confirm"] = confirmed[t.number]
+        if test.get(t.number):
+            row["test"] = test[t.number]
+        rows.append(row)
     return rows
 
 
-def write_tables(study, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = _leaderboard(study, sweep, sweep_dir)
+def write_tables(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str], test: dict | None = None) -> list[dict[str, Any]]:
+    rows = _leaderboard(study, sweep, sweep_dir, overrides, test or {})
     files.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=files.json_default) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["rank", "trial", "state", sweep.metric, *sweep.search, "global_step", "train_runtime_s", "run_dir", "note"])
+    extra = [f"{sweep.metric}_mean", f"{sweep.metric}_std", "seeds"] if sweep.confirm else []
+    extra += ["test_metric", "test_mean", "test_std"] if sweep.test_file else []
+    writer.writerow(["rank", "trial", "state", sweep.metric, *sweep.search, *extra, "global_step", "train_runtime_s", "run_dir", "note"])
     for r in rows:
+        c, te = r.get("confirm") or {}, r.get("test") or {}
+        cells = [c.get("mean"), c.get("std"), c.get("n")] if sweep.confirm else []
+        cells += [te.get("metric"), te.get("mean"), te.get("std")] if sweep.test_file else []
         writer.writerow([r["rank"], r["trial"], r["state"], r[sweep.metric], *(r["params"].get(k) for k in sweep.search),
-                         r["global_step"], r["train_runtime_s"], r["run_dir"], r["note"]])
+                         *cells, r["global_step"], r["train_runtime_s"], r["run_dir"], r["note"]])
     files.atomic_write_text(sweep_dir / "leaderboard.csv", buf.getvalue())
     return rows
 
 
-def _write_best(study, sweep: SweepConfig, sweep_dir: Path) -> dict[str, Any] | None:
-    """best.yaml: the winning trial's resolved config, with output_dir moved to <sweep>/best so that
-    `llmcli <command> --config best.yaml` trains it afresh rather than resuming the trial's own dir."""
+def _write_best(study, sweep: SweepConfig, sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """best.yaml: the winning trial's resolved config (the best mean over seeds when confirmed), with
+    output_dir moved to <sweep>/best so that `llmcli <command> --config best.yaml` trains it afresh
+    rather than resuming the trial's own dir."""
     from llmcli.config import dump_resolved
 
     try:
@@ -83,6 +110,12 @@ def _write_best(study, sweep: SweepConfig, sweep_dir: Path) -> dict[str, Any] | 
     except ValueError:  # no COMPLETE trial yet
         console.warn("no trial has completed: no best.yaml")
         return None
+    top = rows[0] if rows and rows[0].get("confirm") else None
+    if top is not None:
+        best = next(t for t in study.get_trials(deepcopy=False) if t.number == top["trial"])
+        pending = sum(len(r["confirm"]["pending"]) for r in rows if r.get("confirm"))
+        if pending:
+            console.warn(f"{pending} confirm run(s) not finished yet: best.yaml is the best mean so far")
     run_dir = sweep_dir / f"trial-{best.number:04d}"
     path = sweep_dir / "best.yaml"
     try:
@@ -90,10 +123,12 @@ def _write_best(study, sweep: SweepConfig, sweep_dir: Path) -> dict[str, Any] | 
     except ConfigError as err:  # e.g. the trial ran on another machine whose sweep dir is not shared
         console.warn(f"best.yaml not written: {err}")
     else:
-        dump_resolved(cfg, path, {"best trial": f"{best.number} of {sweep_dir} ({sweep.metric} {best.value})",
+        value = f"{sweep.metric} {best.value}" + (f"; over seeds {confirm.mean_std(top['confirm'])}" if top else "")
+        dump_resolved(cfg, path, {"best trial": f"{best.number} of {sweep_dir} ({value})",
                                   "trial run dir": str(run_dir), "run": f"llmcli {sweep.command} --config {path}"})
     return {"trial": best.number, "metric": sweep.metric, "value": best.value, "direction": sweep.direction,
-            "params": dict(best.params), "run_dir": str(run_dir), "config": str(path), "study": study.study_name}
+            "params": dict(best.params), "run_dir": str(run_dir), "config": str(path), "study": study.study_name,
+            **({"confirm": top["confirm"]} if top else {})}
 
 
 def _plots(study, sweep: SweepConfig, sweep_dir: Path) -> None:
@@ -152,9 +187,14 @@ def _print_leaderboard(rows: list[dict[str, Any]], sweep: SweepConfig) -> None:
         return
     import sys
 
-    header = ["rank", "trial", "state", sweep.metric, *(k.rsplit(".", 1)[-1] for k in sweep.search), "steps", "note"]
+    extra = ["mean ± std (seeds)"] if sweep.confirm else []
+    extra += [f"test {sweep.test_metric or confirm.test_metric_of(sweep.metric)}"] if sweep.test_file else []
+    header = ["rank", "trial", "state", sweep.metric, *(k.rsplit(".", 1)[-1] for k in sweep.search), *extra, "steps", "note"]
     body = [[str(r["rank"]), str(r["trial"]), r["state"].lower(), fmt(r[sweep.metric]),
-             *(fmt(r["params"].get(k)) for k in sweep.search), fmt(r["global_step"]), r["note"][:60]] for r in rows]
+             *(fmt(r["params"].get(k)) for k in sweep.search),
+             *([confirm.mean_std(r.get("confirm"))] if sweep.confirm else []),
+             *([confirm.mean_std(r.get("test"))] if sweep.test_file else []),
+             fmt(r["global_step"]), r["note"][:60]] for r in rows]
     title = f"sweep leaderboard ({sweep.direction} {sweep.metric})"
     if sys.stdout.isatty():
         from rich.console import Console

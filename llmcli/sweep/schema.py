@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from llmcli.config import Config, Section, load_config, read_yaml, suggest
-from llmcli.errors import ConfigError
+from llmcli.errors import ConfigError, DataError
 from llmcli.tasks import FEEDBACK_TASKS, spec
 
 
@@ -25,6 +25,20 @@ class SearchParam(Section):
     log: bool = Field(False, description="float/int: sample on a log scale (low > 0).")
     step: float | None = Field(None, gt=0, description="float/int: grid step (int default 1; a float range needs it under the grid sampler).")
     choices: list[Any] | None = Field(None, description="categorical: the values (null, bool, int, float or str).")
+
+
+class ConfirmSection(Section):
+    """Re-run the best trials with more seeds before one is called the best."""
+
+    top_k: int = Field(3, ge=1, description="How many of the best completed trials are re-run.")
+    seeds: list[int] = Field(min_length=1, description="training.seed of each re-run; a trial's own seed reuses its run. The leaderboard ranks these trials by the mean over the seeds (± sample std).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat a value: {seeds}")
+        return seeds
 
 
 class SweepConfig(Section):
@@ -41,6 +55,9 @@ class SweepConfig(Section):
     pruner_startup_trials: int = Field(2, ge=0, description="median pruner: finished trials needed before any trial is pruned.")
     pruner_warmup_evals: int = Field(0, ge=0, description="Evaluations a trial always gets before it can be pruned (successive_halving / hyperband: their minimum resource).")
     baseline: bool = Field(True, description="Trial 0 runs the base config's own values of the searched keys, when it sets them all inside the search space: the leaderboard shows whether the search beat it, and the pruner has a finished reference. false: trial 0 is sampled.")
+    confirm: ConfirmSection | None = Field(None, description="After the search: re-run the top_k trials with each of seeds; best.yaml is the best mean.")
+    test_file: str | None = Field(None, description="A held-out file (the evaluation file's format) on which the winner's run(s) are evaluated with `llmcli eval` at the end; trials are selected on the base config's validation data only.")
+    test_metric: str | None = Field(None, description="The `llmcli eval` metric reported on test_file (default: metric without 'eval_'; eval_loss -> nll).")
     seed: int | None = Field(None, description="Sampler seed (trial N samples with seed + N): the same seed gives the same trials.")
     output_dir: str | None = Field(None, description="The sweep dir (trial-NNNN/ run dirs, study.db, leaderboard, best.yaml, plots).")
     storage: str | None = Field(None, description="Optuna RDB URL (default sqlite:///<output_dir>/study.db); share it to run several workers.")
@@ -149,6 +166,8 @@ def load_sweep_config(path: str | os.PathLike | None, overrides: list[str] | tup
             raise ConfigError(f"{path}: search '{key}': {problem}")
     if sweep.n_trials is None and sweep.timeout is None and sweep.sampler != "grid":
         raise ConfigError(f"{path}: set n_trials (or timeout) for the {sweep.sampler} sampler")
+    if sweep.test_file and not Path(sweep.test_file).is_file():
+        raise DataError(f"{path}: test_file {sweep.test_file}: no such file")
     overrides = sweep.base_overrides(overrides)
     try:
         base = load_config(sweep.base, overrides)
@@ -211,7 +230,8 @@ def _format_sweep_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         if len(loc) >= 3 and loc[0] == "search":  # search.<key>.<field>
             return f"unknown key '{loc[-1]}' in search '{loc[1]}'{suggest(loc[-1], SearchParam.model_fields)}{more}"
-        return f"unknown sweep key '{'.'.join(loc)}'{suggest(loc[-1], SweepConfig.model_fields)}{more}"
+        fields = ConfirmSection.model_fields if loc[0] == "confirm" else SweepConfig.model_fields
+        return f"unknown sweep key '{'.'.join(loc)}'{suggest(loc[-1], fields)}{more}"
     where = f"search '{loc[1]}' key '{'.'.join(loc[2:])}'" if len(loc) >= 3 and loc[0] == "search" else f"sweep key '{'.'.join(loc)}'"
     if first["type"] == "missing":
         return f"{where} is required{more}"

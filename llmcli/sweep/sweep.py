@@ -42,10 +42,12 @@ from llmcli.config import load_config, suggest
 from llmcli.errors import ConfigError, Interrupted, LlmcliError, LockedError, TrainingFailed, first_line
 from llmcli.sweep.results import fmt, report, write_tables
 from llmcli.sweep.schema import SweepConfig, param_override
+from llmcli.sweep import confirm
 from llmcli.sweep import study as studies
 from llmcli.sweep.study import counted
 from llmcli.train import rundir
 
+WAIT_S = 5  # how often a worker waiting for other workers' trials looks again
 HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
 STALE_AFTER_S = 300  # a trial of another host with no heartbeat for this long is taken over
 
@@ -63,14 +65,21 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
     budget = studies.budget(sweep)
     if budget is not None and study.user_attrs.get("budget") != budget:
         study.set_user_attr("budget", budget)  # for `llmcli report`'s progress and --watch
+    if study.user_attrs.get("confirm") != (sweep.confirm and sweep.confirm.model_dump()):
+        study.set_user_attr("confirm", sweep.confirm and sweep.confirm.model_dump())  # for `llmcli report`
+        study.set_user_attr("confirm_done", False)
     command = importlib.import_module(f"llmcli.train.{sweep.command}")
     started = time.time()
-    while sweep.timeout is None or time.time() - started < sweep.timeout:
+    while True:
         _requeue_orphans(study, sweep_dir)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if budget is not None and sum(map(counted, trials)) >= budget and not waiting:
-            break
+        searching = (sweep.timeout is None or time.time() - started < sweep.timeout) and \
+            (budget is None or sum(map(counted, trials)) < budget)
+        if not (waiting or searching):
+            if sweep.confirm is None or not _confirm_next(study, sweep, list(overrides), sweep_dir, command):
+                break
+            continue
         trial = study.ask()
         adopted = "worker_host" in trial.user_attrs
         if not adopted and budget is not None:
@@ -78,9 +87,33 @@ def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_
             if ahead >= budget:  # another worker took the last slot at the same moment
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL)
-                break
-        _run_trial(study, trial, sweep, list(overrides), sweep_dir, command, budget)
-    return report(study, sweep, sweep_dir, as_json)
+                continue
+        params = {key: _suggest_param(trial, key, space) for key, space in sweep.search.items()}
+        _run_trial(study, trial, params, sweep, list(overrides), sweep_dir, command, f"trial {trial.number}" + (f"/{budget}" if budget else ""))
+    return report(study, sweep, sweep_dir, as_json, list(overrides))
+
+
+def _confirm_next(study, sweep: SweepConfig, overrides: list[str], sweep_dir: Path, command) -> bool:
+    """The confirm phase, one step: wait while other workers' search trials run (their results decide
+    the top trials), then run one confirm run; False once none is left to run or wait for."""
+    if not confirm.search_done(study):
+        time.sleep(WAIT_S)
+        return True
+    claimed = confirm.claim(study, sweep, overrides)
+    if claimed is None:
+        runs = confirm.confirm_study(study)
+        _requeue_orphans(runs, sweep_dir)
+        if confirm.search_done(runs):
+            study.set_user_attr("confirm_done", True)
+            return False
+        time.sleep(WAIT_S)  # another worker's confirm run: the leaderboard is final once it is in
+        return True
+    runs, trial, source = claimed
+    seed = trial.user_attrs["seed"]
+    _run_trial(runs, trial, dict(source.params), sweep, [*overrides, f"training.seed={seed}"], sweep_dir, command,
+               f"confirm trial {source.number} seed {seed}")
+    write_tables(study, sweep, sweep_dir, list(overrides))
+    return True
 
 
 def sweep_dir_of(sweep: SweepConfig, output_dir: str | None) -> Path:
@@ -113,6 +146,8 @@ def dry_run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), out
         "command": sweep.command, "base": sweep.base, "metric": f"{sweep.direction} {sweep.metric}",
         "trials": studies.budget(sweep) or f"until {sweep.timeout} s", "sampler": sweep.sampler, "pruner": sweep.pruner,
         "trial 0": ", ".join(f"{k}={fmt(v)}" for k, v in baseline.items()) if baseline else f"sampled ({why})",
+        "confirm": f"the top {sweep.confirm.top_k} trials with seeds {sweep.confirm.seeds}" if sweep.confirm else "no",
+        "test": f"the winner on {sweep.test_file}" if sweep.test_file else "no test file",
         "sweep dir": str(sweep_dir), "storage": storage or sweep.storage or f"sqlite:///{sweep_dir.resolve() / 'study.db'}",
     }
     print(yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False), end="")
@@ -142,15 +177,11 @@ def _worker_alive(trial, now: float, sweep_dir: Path | None = None) -> bool:
     if "worker_host" not in a:  # killed between ask() and recording its worker
         return now - trial.datetime_start.timestamp() < STALE_AFTER_S
     if a["worker_host"] == socket.gethostname():
-        held = layout.lock_is_held(_trial_dir(sweep_dir, trial) / layout.LOCK_NAME) if sweep_dir is not None else None
+        held = layout.lock_is_held(confirm.trial_dir(sweep_dir, trial) / layout.LOCK_NAME) if sweep_dir is not None else None
         if held is not None:
             return held
         return a.get("worker_boot") == _boot_id() and a.get("worker_pid") != os.getpid() and layout.pid_alive(int(a["worker_pid"]))
     return now - float(a.get("heartbeat", 0)) < STALE_AFTER_S
-
-
-def _trial_dir(sweep_dir: Path, trial) -> Path:
-    return sweep_dir / f"trial-{trial.number:04d}"
 
 
 def _finished_summary(run_dir: Path) -> dict | None:
@@ -169,15 +200,15 @@ def _boot_id() -> str:
 # One trial
 
 
-def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir: Path, command, budget: int | None) -> None:
+def _run_trial(study, trial, params: dict[str, Any], sweep: SweepConfig, overrides: list[str], sweep_dir: Path, command,
+               title: str) -> None:
+    """Run one trial (a search trial, or a confirm run with its seed among `overrides`) and tell the study."""
     previous = dict(trial.user_attrs)
-    params = {key: _suggest_param(trial, key, space) for key, space in sweep.search.items()}
-    trial_dir = _trial_dir(sweep_dir, trial)
+    trial_dir = confirm.trial_dir(sweep_dir, trial)
     _claim(trial, trial_dir)
     adopted = "worker_host" in previous
-    of = f"/{budget}" if budget else ""
     shown = ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in params.items())
-    console.info(f"trial {trial.number}{of}: {shown} -> {trial_dir}" + (" (resuming)" if adopted else ""))
+    console.info(f"{title}: {shown} -> {trial_dir}" + (" (resuming)" if adopted else ""))
     pruning = _PruningCallback(trial, sweep.metric)
     try:
         if not adopted and (layout.holds_finished_run(trial_dir) or layout.list_checkpoints(trial_dir)):
@@ -204,7 +235,7 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         trial.set_user_attr("diverged", True)
         trial.set_user_attr("error", str(err))
         study.tell(trial, state=TrialState.FAIL)
-        console.warn(f"trial {trial.number} failed: {err}")
+        console.warn(f"{title} failed: {err}")
         return
     except (LlmcliError, SystemExit) as err:  # bad config or data, common to every trial: stop the sweep
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
@@ -212,7 +243,8 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         raise
     except Exception as err:  # this trial failed (out of memory, a crash): retried once with its parameters
         _record_failure(study, trial, params, err)
-        write_tables(study, sweep, sweep_dir)
+        if "confirm_of" not in trial.user_attrs:
+            write_tables(study, sweep, sweep_dir, overrides)
         return
 
     value = pruning.value_from(summary)
@@ -221,15 +253,17 @@ def _run_trial(study, trial, sweep: SweepConfig, overrides: list[str], sweep_dir
         raise ConfigError(f"metric '{sweep.metric}' is not in trial {trial.number}'s results; they have: "
                           f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
     pruned = pruning.pruned or "pruned_at_eval" in trial.user_attrs
-    summary.update(trial=trial.number, pruned=pruned)
+    a = trial.user_attrs
+    summary.update(trial=a.get("confirm_of", trial.number), pruned=pruned, **({"confirm_seed": a["seed"]} if "confirm_of" in a else {}))
     files.write_json_atomic(trial_dir / "summary.json", summary)
     if pruned:
         study.tell(trial, state=TrialState.PRUNED)
         console.info(f"trial {trial.number} pruned at evaluation {trial.user_attrs['pruned_at_eval']} ({sweep.metric} {fmt(value)})")
     else:
         study.tell(trial, value)
-        console.info(f"trial {trial.number} finished: {sweep.metric} {fmt(value)}")
-    write_tables(study, sweep, sweep_dir)
+        console.info(f"{title} finished: {sweep.metric} {fmt(value)}")
+    if "confirm_of" not in trial.user_attrs:
+        write_tables(study, sweep, sweep_dir, overrides)
 
 
 def _record_failure(study, trial, params: dict[str, Any], err: Exception) -> None:
@@ -238,7 +272,9 @@ def _record_failure(study, trial, params: dict[str, Any], err: Exception) -> Non
     n_trials, so a grid does not run a point twice or another point in its place."""
     retry_of = trial.user_attrs.get("retry_of")
     trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
-    if retry_of is None:
+    if "confirm_of" in trial.user_attrs:  # `confirm.needed` queues it once more
+        console.warn(f"confirm run {trial.user_attrs['seed']} of trial {trial.user_attrs['confirm_of']} failed ({type(err).__name__}: {first_line(err)})")
+    elif retry_of is None:
         study.enqueue_trial(params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
         console.warn(f"trial {trial.number} failed ({type(err).__name__}: {first_line(err)}); its parameters run once more")
     else:

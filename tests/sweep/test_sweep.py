@@ -173,6 +173,9 @@ def _bad_sweeps(tmp_path):
         ({"direction": "up"}, "sweep key 'direction': Input should be 'maximize' or 'minimize'"),
         ({"base": str(tmp_path / "nope.yaml")}, "base config: config file not found"),
         ({"metric": "eval_acc"}, "metric 'eval_acc' is not among the evaluation results (eval_loss)"),
+        ({"confirm": {"top_k": 2, "seeds": [1, 1]}}, "sweep key 'confirm.seeds': Value error, seeds repeat a value: [1, 1]"),
+        ({"confirm": {"top": 2, "seeds": [1]}}, "unknown sweep key 'confirm.top' (did you mean 'top_k'?)"),
+        ({"confirm": {"top_k": 0, "seeds": [1]}}, "sweep key 'confirm.top_k': Input should be greater than or equal to 1"),
     ]
 
 
@@ -184,6 +187,11 @@ def test_bad_sweep_files_give_one_line_and_exit_2(cli, tmp_path):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr, result.stderr
         assert message in errors[0], (changes, errors[0])
+
+
+def test_a_missing_test_file_is_a_data_error_before_any_trial(cli, tmp_path):
+    result = cli("sweep", "--config", write_sweep(tmp_path, test_file=str(tmp_path / "nope.txt")), expect=4)
+    assert result.stderr.strip().endswith(f"test_file {tmp_path / 'nope.txt'}: no such file") and not (tmp_path / "sweep").exists()
 
 
 def test_shipped_sweep_config_validates(monkeypatch):
@@ -558,3 +566,73 @@ def test_successive_halving_and_hyperband_prune_on_evaluations(cli, tmp_path, pr
     result = cli("sweep", "--config", write_sweep(tmp_path, pruner=pruner, n_trials=3), "--set", "training.max_steps=4")
     states = [r["state"] for r in read_jsonl(tmp_path / "sweep" / "leaderboard.jsonl")]
     assert len(states) == 3 and set(states) <= {"COMPLETE", "PRUNED"} and states[0] == "COMPLETE", result.stderr
+
+
+def test_confirm_reruns_the_top_trials_with_more_seeds_and_reports_the_winner_on_a_test_file(cli, tmp_path):
+    """confirm: the 2 best of 3 trials run again with seed 1; seed 0 (the base config's) reuses each trial's own
+    run. The leaderboard's mean and sample std are those of the run dirs' own results, the best mean heads it and
+    is best.yaml, and the winner's runs are evaluated on test_file exactly as `llmcli eval` does. A rerun runs nothing."""
+    test_file = FIXTURES / "shakespeare_small.txt"
+    sweep = write_sweep(tmp_path, pruner="none", confirm={"top_k": 2, "seeds": [0, 1]}, test_file=str(test_file))
+    out = tmp_path / "sweep"
+    result = cli("sweep", "--config", sweep)
+    assert result.stderr.count("pretrain finished: ") == 5  # 3 trials, 2 confirm runs
+    found = trials(out)
+    top = sorted(found.values(), key=lambda t: (t.value, t.number))[:2]
+    assert sorted(p.name for p in out.glob("trial-*-seed-*")) == sorted(f"trial-{t.number:04d}-seed-1" for t in top)
+    board = {r["trial"]: r for r in read_jsonl(out / "leaderboard.jsonl")}
+    means = {}
+    for t in top:
+        seed_dir = out / f"trial-{t.number:04d}-seed-1"
+        assert yaml.safe_load((seed_dir / "config.yaml").read_text())["training"]["seed"] == 1
+        values = [json.loads((seed_dir / "summary.json").read_text())["eval_loss"], t.value]
+        assert values[0] != t.value  # another seed, another result
+        c = board[t.number]["confirm"]
+        assert c["values"] == {"0": values[1], "1": values[0]} and c["n"] == 2 and c["pending"] == []
+        assert c["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12)
+        assert c["std"] == pytest.approx(statistics.stdev(values), rel=1e-12)
+        means[t.number] = c["mean"]
+    winner = min(means, key=means.get)
+    ranked = read_jsonl(out / "leaderboard.jsonl")
+    assert [r["trial"] for r in ranked[:2]] == sorted(means, key=means.get) and "confirm" not in ranked[2]
+    assert f"best trial: {winner} of {out}" in (out / "best.yaml").read_text()
+    test = board[winner]["test"]
+    for run_dir in (out / f"trial-{winner:04d}-seed-1", out / f"trial-{winner:04d}"):
+        ref = json.loads(cli("eval", "--model", run_dir, "--data", test_file, "--json").stdout)["metrics"]["nll"]
+        assert test["values"][str(run_dir)] == pytest.approx(ref, rel=1e-6)
+        assert json.loads((run_dir / "test.json").read_text())["metrics"]["nll"] == test["values"][str(run_dir)]
+    assert test["metric"] == "nll" and test["mean"] == pytest.approx(statistics.fmean(test["values"].values()), rel=1e-12)
+    header = result.stdout.splitlines()[1]
+    assert "mean ± std (seeds)" in header and "test nll" in header
+    again = cli("sweep", "--config", sweep, "--json")
+    assert "pretrain finished" not in again.stderr and "evaluating" not in again.stderr
+    best = json.loads(again.stdout)
+    assert best["trial"] == winner and best["confirm"]["mean"] == means[winner] and best["test"] == test
+
+
+def test_confirm_runs_are_shared_by_workers_and_a_killed_one_resumes_once(cli, tmp_path):
+    """Worker A runs the search and pauses in its first confirm run; worker B joins, runs the other confirm run,
+    then waits for A's; A is killed -9 and B resumes its run from the checkpoint. Each (trial, seed) ran once."""
+    import optuna
+
+    sweep = write_sweep(tmp_path, pruner="none", confirm={"top_k": 2, "seeds": [0, 1]})
+    out, marker = tmp_path / "sweep", tmp_path / "a"
+    a = start_worker(sweep, marker, PAUSE_AT_STEP=3, PAUSE_SEED=1)
+    wait_paused(a, marker)
+    b = start_worker(sweep)
+    deadline = time.time() + 120
+    while len(list(out.glob("trial-*-seed-1/summary.json"))) < 1 and time.time() < deadline and b.poll() is None:
+        time.sleep(0.1)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    err = b.communicate(timeout=120)[1].decode()
+    assert b.returncode == 0 and "Traceback" not in err, err
+    assert err.count("was interrupted") == 1 and f"worker pid {a.pid}" in err
+    assert err.count("pretrain finished: ") == 2 and "(resuming)" in err  # B's own confirm run and A's, resumed
+    runs = optuna.load_study(study_name="sweep-confirm", storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    assert sorted((t.user_attrs["confirm_of"], t.user_attrs["seed"], t.state.name) for t in runs if not t.user_attrs.get("surplus")) == \
+        sorted((t.number, 1, "COMPLETE") for t in sorted(trials(out).values(), key=lambda t: t.value)[:2])
+    resumed = [json.loads(p.read_text()).get("resumed_from") for p in out.glob("trial-*-seed-1/summary.json")]
+    assert sorted(resumed, key=str) == [2, None]
+    board = [r for r in read_jsonl(out / "leaderboard.jsonl") if "confirm" in r]
+    assert len(board) == 2 and all(r["confirm"]["n"] == 2 and not r["confirm"]["pending"] for r in board)
