@@ -215,6 +215,31 @@ def generate(
     _invoke(body, quiet, debug)
 
 
+@app.command()
+def serve(
+    model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind (default 127.0.0.1; 0.0.0.0 needs an API key to be safe).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="TCP port (default 8000; 0 = any free port).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' (or set LLMCLI_API_KEY).")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the model path's last part).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Most rows in one batched forward (default 64).")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms", help="How long a request waits for others to share its batch (default 10).")] = None,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Serve a model over the OpenAI API (completions, chat, models) plus /v1/classify, /health and /metrics."""
+
+    def body():
+        from llmcli.config import load_config
+        from llmcli.serve import serve as serve_module
+
+        flags = {"model.model_name_or_path": model, "serve.host": host, "serve.port": port, "serve.api_key": api_key,
+                 "serve.model_name": model_name, "serve.max_batch_size": max_batch_size, "serve.max_wait_ms": max_wait_ms}
+        cfg = load_config(config, list(set_ or []), command="serve", values=_flag_values(flags))
+        serve_module.run(cfg, checkpoint=checkpoint, device=device, dtype=dtype)
+
+    _invoke(body, quiet, debug)
+
+
 @app.command("eval")
 def eval_(
     model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,

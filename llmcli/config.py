@@ -121,6 +121,19 @@ class GenerationSection(Section):
         return value
 
 
+class ServeSection(Section):
+    host: str = Field("127.0.0.1", description="Address to bind (0.0.0.0 exposes the server: set an API key).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port, printed at startup).")
+    api_key: str | None = Field(None, description="Every request needs `Authorization: Bearer KEY` (prefer the LLMCLI_API_KEY environment variable to a file).")
+    model_name: str | None = Field(None, description="The model id clients send (default: the run dir's or hub id's last path part).")
+    max_batch_size: int = Field(64, ge=1, description="Most rows (prompts x n) in one batched forward.")
+    max_wait_ms: float = Field(10.0, ge=0, description="How long the first queued request waits for others to share its batch.")
+    max_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_request_bytes: int = Field(1 << 20, ge=1, description="Largest request body (413 above).")
+    shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM/SIGINT: seconds to let requests in flight finish.")
+    chat_template: str | None = Field(None, description="A Jinja chat template (or a file holding one) for a model without its own.")
+
+
 class EvalSection(Section):
     split: str = Field("test", description="Hub dataset split to evaluate.")
     max_length: int | None = Field(None, gt=1, description="Sliding-window length in tokens (default: the model's context).")
@@ -154,11 +167,12 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "finetune": ("task", "model", "data", "training", "peft", "reward", "launch"),
     "generate": ("model", "generation"),
     "eval": ("model", "data", "eval", "launch"),
+    "serve": ("model", "generation", "serve"),
 }
 
 
 # Sections a training config may carry for later `generate`/`eval` runs of its model, unread by training.
-CARRIED_SECTIONS = ("generation", "eval")
+CARRIED_SECTIONS = ("generation", "eval", "serve")
 
 # Sections a command reads only for some tasks: `task: rl` samples with `generation:`.
 TASK_SECTIONS: dict[tuple[str, str], tuple[str, ...]] = {("finetune", "rl"): ("generation",)}
@@ -177,6 +191,7 @@ class Config(Section):
     reward: RewardSection | list[RewardSection] | None = Field(None, description="task rl: one reward, or a list whose weighted sum is the reward.")
     generation: GenerationSection = Field(default_factory=GenerationSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
 
     @field_validator("peft", mode="before")
@@ -223,7 +238,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if command is None or "training" in COMMAND_SECTIONS[command]:
         from llmcli import tasks
 
-        cfg.training = TrainingSection.model_validate(check_training_keys(cfg.training.model_dump(), tasks.args_class(cfg.task)))
+        cfg.training = TrainingSection.model_validate(tasks.check_training_keys(cfg.training.model_dump(), tasks.args_class(cfg.task)))
         for ref in cfg.training.callbacks:  # fail before the run dir is touched
             tasks.callback_class(ref)
     return cfg
@@ -344,51 +359,6 @@ def _section_model(path: list[str]):
         if model is None:
             return None
     return model
-
-
-def check_training_keys(training: dict[str, Any], args_cls: type | None = None) -> dict[str, Any]:
-    """Check every `training:` key against the fields and declared types of `args_cls`
-    (TrainingArguments, or a subclass such as TRL's DPOConfig).
-
-    Returns the dict with values converted where YAML gave a string for a number
-    (PyYAML reads `5e-4` as a string).
-    """
-    import dataclasses
-    import typing
-
-    from pydantic import TypeAdapter
-
-    if args_cls is None:
-        from transformers import TrainingArguments as args_cls
-
-    fields = {f.name for f in dataclasses.fields(args_cls) if f.init}
-    hints = typing.get_type_hints(args_cls)
-    out = dict(training)
-    for key, value in training.items():
-        if key in TrainingSection.LLMCLI_KEYS:
-            continue
-        if key not in fields:
-            raise ConfigError(f"unknown config key 'training.{key}': not a {args_cls.__name__} field{suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
-        if value is None:
-            continue
-        if isinstance(value, bool) and _admits_str_not_bool(hints[key]):
-            # YAML 1.1 reads `save_strategy: no` as False; these fields mean the string
-            value = out[key] = "no" if value is False else "yes"
-        try:
-            converted = TypeAdapter(hints[key]).validate_python(value)
-        except ValidationError:
-            expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
-            raise ConfigError(f"config key 'training.{key}': expected {expected}, got {value!r}") from None
-        if isinstance(value, str) and not isinstance(converted, str):
-            out[key] = converted.value if hasattr(converted, "value") else converted
-    return out
-
-
-def _admits_str_not_bool(annotation) -> bool:
-    import typing
-
-    args = typing.get_args(annotation) or (annotation,)
-    return str in args and bool not in args
 
 
 def dump_resolved(cfg: Config, path: Path, provenance: dict[str, Any] | None = None) -> None:

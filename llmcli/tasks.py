@@ -184,3 +184,50 @@ def collator(task: Task, fmt: DataFormat, tokenizer, mlm_probability: float):
     if task == Task.MASKED_LM:
         return transformers.DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
     return transformers.default_data_collator
+
+
+def check_training_keys(training: dict[str, Any], args_cls: type | None = None) -> dict[str, Any]:
+    """Check every `training:` key against the fields and declared types of `args_cls`
+    (TrainingArguments, or a subclass such as TRL's DPOConfig).
+
+    Returns the dict with values converted where YAML gave a string for a number
+    (PyYAML reads `5e-4` as a string).
+    """
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from llmcli.config import TrainingSection, suggest
+
+    if args_cls is None:
+        from transformers import TrainingArguments as args_cls
+
+    fields = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    hints = typing.get_type_hints(args_cls)
+    out = dict(training)
+    for key, value in training.items():
+        if key in TrainingSection.LLMCLI_KEYS:
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown config key 'training.{key}': not a {args_cls.__name__} field{suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
+        if value is None:
+            continue
+        if isinstance(value, bool) and _admits_str_not_bool(hints[key]):
+            # YAML 1.1 reads `save_strategy: no` as False; these fields mean the string
+            value = out[key] = "no" if value is False else "yes"
+        try:
+            converted = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError:
+            expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise ConfigError(f"config key 'training.{key}': expected {expected}, got {value!r}") from None
+        if isinstance(value, str) and not isinstance(converted, str):
+            out[key] = converted.value if hasattr(converted, "value") else converted
+    return out
+
+
+def _admits_str_not_bool(annotation) -> bool:
+    import typing
+
+    args = typing.get_args(annotation) or (annotation,)
+    return str in args and bool not in args

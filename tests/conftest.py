@@ -26,6 +26,13 @@ TINY_GPT2 = [
     "training.learning_rate=3e-3", "training.logging_steps=5", "training.seed=0", "training.save_steps=1000",
     "training.curves=false",  # drawing costs ~1 s a run: tests/test_report.py covers curves
 ]
+# A 1-layer, 32-wide GRU (llmcli's own architecture) with a 300-token BPE.
+TINY_GRU = [
+    "task=auto", "model.model_type=gru", "model.config_overrides.hidden_size=32", "model.config_overrides.num_layers=1",
+    "model.config_overrides.max_position_embeddings=64", "model.vocab_size=300", "data.block_size=32",
+    "training.per_device_train_batch_size=8", "training.learning_rate=1e-2", "training.logging_steps=5", "training.seed=0",
+    "training.curves=false", f"data.train_file={FIXTURES / 'shakespeare_small.txt'}",
+]
 TINY_BERT = [
     "model.model_type=bert", "model.config_overrides.hidden_size=64", "model.config_overrides.num_hidden_layers=2",
     "model.config_overrides.num_attention_heads=2", "model.config_overrides.intermediate_size=128",

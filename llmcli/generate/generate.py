@@ -54,7 +54,7 @@ def run(cfg: Config, prompts: list[str] | None = None, input_path: str | None = 
             if ids is not None:
                 _stream_one(model, tokenizer, ids, g)
                 return 1
-        step = _classify_batch if kind == "classification" else _generate_batch
+        step = classify_batch if kind == "classification" else _generate_batch
         return _run_batches(model, tokenizer, itertools.chain(first, items), g, step, out, output_format, kind)
     except BrokenPipeError:
         # `| head -1` closed the pipe: stop quietly (exit 0), and keep Python from complaining at exit
@@ -237,7 +237,7 @@ def finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> tu
     return text, len(seq), reason
 
 
-def _classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
+def classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
     import torch
 
     input_ids, mask = pad_batch(tokenizer, batch, model.device, left=False)

@@ -4,15 +4,9 @@ import json
 
 import pytest
 
-from conftest import FIXTURES, read_jsonl, sets
+from conftest import FIXTURES, TINY_GRU, read_jsonl, sets
 
 TEXT = FIXTURES / "shakespeare_small.txt"
-TINY_GRU = [
-    "task=auto", "model.model_type=gru", "model.config_overrides.hidden_size=32", "model.config_overrides.num_layers=1",
-    "model.config_overrides.max_position_embeddings=64", "model.vocab_size=300", "data.block_size=32",
-    "training.per_device_train_batch_size=8", "training.learning_rate=1e-2", "training.logging_steps=5", "training.seed=0",
-    "training.curves=false", f"data.train_file={TEXT}",
-]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ def test_trl_sft_trainer_through_fit_gets_a_complete_run_dir(tmp_path, gpt2_run)
                  "training.per_device_train_batch_size=4", "training.gradient_checkpointing=false",
                  "training.eval_strategy=steps", "training.eval_steps=2", "training.report_to=none", "training.curves=false"]
     cfg = load_config(None, overrides)
-    from llmcli.config import TrainingSection, check_training_keys
+    from llmcli.config import TrainingSection
+    from llmcli.tasks import check_training_keys
 
     # SFTConfig's own fields (max_length) pass the same check that TrainingArguments' do
     sft_keys = {**cfg.training.model_dump(), "max_length": "32"}
