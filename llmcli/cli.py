@@ -357,6 +357,7 @@ class InitCommand(str, Enum):
     finetune = "finetune"
     generate = "generate"
     eval = "eval"
+    serve = "serve"
     sweep = "sweep"
 
 

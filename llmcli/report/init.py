@@ -34,6 +34,7 @@ SECTION_HELP = {
     "generation": "Defaults for `llmcli generate` (its flags override them).",
     "eval": "Defaults for `llmcli eval` (its flags override them).",
     "launch": "Several processes (GPUs) through accelerate.",
+    "serve": "`llmcli serve` (its flags override them). Prefer the LLMCLI_API_KEY environment variable to api_key here.",
 }
 
 # TrainingArguments most runs set; listed commented out with the installed version's defaults.
@@ -50,7 +51,7 @@ _LLMCLI_NOTES = {
     "tf32": "llmcli: unset = on for Ampere and newer GPUs.",
     "report_to": "tensorboard, mlflow, trackio, wandb, ... (see README: Curves, reports and trackers).",
 }
-COMMANDS = ("pretrain", "finetune", "generate", "eval", "sweep")
+COMMANDS = ("pretrain", "finetune", "generate", "eval", "serve", "sweep")
 
 
 def run(command: str, from_path: str | None = None, output: str | None = None) -> str:

@@ -15,67 +15,10 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from llmcli.serve.engine import Engine, Job, Sampling
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this server does not use (user, ...)
-
-    model: str
-    max_tokens: int | None = Field(None, gt=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, gt=0)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    input: str | list[str] = Field(min_length=1)
+from llmcli.serve.protocol import ApiError, ChatRequest, ClassifyRequest, CompletionRequest, SamplingRequest
 
 
 class Service:
@@ -107,7 +50,7 @@ class Service:
             raise ApiError(400, f"{param}: {NO_START}", param)
         return ids
 
-    def job(self, req: _Request, prompts: list[list[int]], emit, logprobs: int | None) -> Job:
+    def job(self, req: SamplingRequest, prompts: list[list[int]], emit, logprobs: int | None) -> Job:
         g = self.cfg.generation
         limit = self.cfg.serve.max_tokens
         max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or g.max_new_tokens
@@ -164,7 +107,7 @@ class Service:
 def build_app(service: Service):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="llmcli serve", docs_url=None, redoc_url=None, openapi_url=None)
     serve_cfg = service.cfg.serve
@@ -228,21 +171,12 @@ def build_app(service: Service):
         texts, prompts = _prompts(service, req.prompt)
         job, events = service.submit(lambda emit: service.job(req, prompts, emit, req.logprobs))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": service.name}
-        usage = _usage(prompts, req.n)
-        if req.stream:
-            return StreamingResponse(_stream(service, job, events, meta, usage, req, chat=False, echo=texts if req.echo else None),
-                                     media_type="text/event-stream")
-        rows = await service.collect(job, events, len(prompts) * req.n)
-        choices = []
-        for i in sorted(rows):
-            r = rows[i]
+
+        def choice(i: int, r: dict[str, Any]) -> dict[str, Any]:
             text = (texts[i // req.n] if req.echo else "") + r["completion"]
-            choices.append({"index": i, "text": text, "logprobs": _completion_logprobs(r["tokens"], r, req.logprobs),
-                            "finish_reason": r["finish_reason"]})
-        usage["completion_tokens"] = sum(r["completion_tokens"] for r in rows.values())
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        m.tokens(usage)
-        return {**meta, "choices": choices, "usage": usage}
+            return {"index": i, "text": text, "logprobs": _completion_logprobs(r["tokens"], r, req.logprobs), "finish_reason": r["finish_reason"]}
+
+        return await _respond(service, req, job, events, meta, choice, chat=False, echo=texts if req.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -252,18 +186,12 @@ def build_app(service: Service):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         job, events = service.submit(lambda emit: service.job(req, [ids], emit, logprobs))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": service.name}
-        usage = _usage([ids], req.n)
-        if req.stream:
-            return StreamingResponse(_stream(service, job, events, {**meta, "object": "chat.completion.chunk"}, usage, req, chat=True),
-                                     media_type="text/event-stream")
-        rows = await service.collect(job, events, req.n)
-        choices = [{"index": i, "message": {"role": "assistant", "content": rows[i]["completion"]},
-                    "logprobs": {"content": _chat_logprobs(rows[i]["tokens"])} if req.logprobs else None,
-                    "finish_reason": rows[i]["finish_reason"]} for i in sorted(rows)]
-        usage["completion_tokens"] = sum(r["completion_tokens"] for r in rows.values())
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        m.tokens(usage)
-        return {**meta, "choices": choices, "usage": usage}
+
+        def choice(i: int, r: dict[str, Any]) -> dict[str, Any]:
+            return {"index": i, "message": {"role": "assistant", "content": r["completion"]},
+                    "logprobs": {"content": _chat_logprobs(r["tokens"])} if req.logprobs else None, "finish_reason": r["finish_reason"]}
+
+        return await _respond(service, req, job, events, meta, choice, chat=True)
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):
@@ -330,8 +258,22 @@ def _chat_prompt(service: Service, req: ChatRequest) -> list[int]:
     return ids
 
 
-def _usage(prompts: list[list[int]], n: int) -> dict[str, int]:
-    return {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0, "total_tokens": sum(map(len, prompts))}
+async def _respond(service: Service, req, job: Job, events: asyncio.Queue, meta: dict[str, Any], choice, chat: bool,
+                   echo: list[str] | None = None):
+    """A stream of the job's events, or (waiting for every row) the whole response with its usage."""
+    from fastapi.responses import StreamingResponse
+
+    prompt_tokens = sum(map(len, job.prompts))  # each prompt once, whatever n
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    if req.stream:
+        stream_meta = {**meta, "object": "chat.completion.chunk"} if chat else meta
+        return StreamingResponse(_stream(service, job, events, stream_meta, usage, req, chat=chat, echo=echo),
+                                 media_type="text/event-stream")
+    rows = await service.collect(job, events, len(job.prompts) * job.n)
+    usage["completion_tokens"] = sum(r["completion_tokens"] for r in rows.values())
+    usage["total_tokens"] = prompt_tokens + usage["completion_tokens"]
+    service.metrics.tokens(usage)
+    return {**meta, "choices": [choice(i, rows[i]) for i in sorted(rows)], "usage": usage}
 
 
 def _completion_logprobs(tokens: list[dict[str, Any]], row: dict[str, Any], k: int | None) -> dict[str, Any] | None:
