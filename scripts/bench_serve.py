@@ -4,7 +4,8 @@ time, against offline `llmcli generate` batches, and against `transformers serve
 Two models, both saved locally: the Shakespeare demo (configs/shakespeare.yaml's GPT-2 4x128, a few training
 steps: the architecture is what costs) and a GPT-2 6x384 with GPT-2's own BPE (random weights). Every request is
 greedy, `max_tokens` tokens from one of 64 Shakespeare prompts; throughput counts the completion tokens the
-servers report. Then 10,000 short requests, the llmcli server's RSS before and after.
+servers report. Each server first gets one untimed round of the concurrent load (the first batch of each shape
+is slow on CPU), the offline batches one untimed batch. Then 10,000 short requests, the llmcli server's RSS before and after.
 
     python scripts/bench_serve.py --text data/tinyshakespeare.txt --gpt2-tokenizer ../shared/data/gpt2_bpe
     python scripts/bench_serve.py ... --quick          # fewer requests, 1,000 in the soak
@@ -121,6 +122,7 @@ async def load(url: str, model: str, prompts: list[str], clients: int, per_clien
     start = time.perf_counter()
     await asyncio.gather(*(one_client(c) for c in range(clients)))
     wall = time.perf_counter() - start
+    await api.close()
     latencies.sort()
     return {"clients": clients, "requests": len(latencies), "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
@@ -179,6 +181,7 @@ def main() -> None:
         srv = Server([sys.executable, "-m", "llmcli", "serve", "--model", str(model_dir), "--port", "0", "--model-name", "m"],
                      ready_pattern=r"on (http://127\.0\.0\.1:\d+)/v1")
         try:
+            asyncio.run(load(srv.url, "m", prompts, args.clients, 1, args.max_tokens))  # warm-up: first batches of each shape are slow
             r["llmcli_sequential"] = asyncio.run(load(srv.url, "m", prompts, 1, args.sequential, args.max_tokens))
             r["llmcli_concurrent"] = asyncio.run(load(srv.url, "m", prompts, args.clients, args.per_client, args.max_tokens))
             if args.soak and label.startswith("shakespeare"):
@@ -191,6 +194,7 @@ def main() -> None:
             port = free_port()
             hf = Server(["transformers", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1"], port=port)
             try:
+                asyncio.run(load(hf.url, str(model_dir), prompts, args.clients, 1, args.max_tokens))  # the same warm-up
                 r["transformers_serve_concurrent"] = asyncio.run(load(hf.url, str(model_dir), prompts, args.clients, args.per_client,
                                                                       args.max_tokens))
             finally:

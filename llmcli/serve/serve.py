@@ -105,7 +105,7 @@ def _serve(app, sock: socket.socket, shutdown_timeout: float) -> None:
                     signal.signal(sig, handler)
 
     config = uvicorn.Config(app, log_level="debug" if console.debug() else "error", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=shutdown_timeout or None)
+                            timeout_graceful_shutdown=shutdown_timeout)
     Server(config).run(sockets=[sock])
 
 
