@@ -74,7 +74,8 @@ class Service:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or g.stop)
         if "" in stop:
             raise ApiError(400, "stop: an empty stop string would cut every completion before its first token", "stop")
-        return Job("generate", prompts, emit, n=req.n, max_tokens=max_tokens, stop=stop, logprobs=logprobs, sampling=sampling)
+        return Job("generate", prompts, emit, n=req.n, max_tokens=max_tokens, stop=stop, logprobs=logprobs, sampling=sampling,
+                   stream=req.stream)
 
     # -- running a job ---------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class Job:
     logprobs: int | None = None
     sampling: Sampling | None = None
     texts: list[str] = field(default_factory=list)  # classify: the inputs as given
+    stream: bool = True  # False: no per-token text is needed, only the end's (saves a decode per token)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=itertools.count().__next__)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -239,8 +240,14 @@ class _BatchState:
     def _text(self, row: Row, event: dict[str, Any]) -> None:
         """Emit the row's new text: held back while it may be the start of a stop string or ends in an
         incomplete UTF-8 character; cut, and the row ended, at a stop string or its max_tokens."""
-        full = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         stops = row.job.stop
+        if not row.job.stream and not stops:
+            if "logprob" in event:  # the response lists every token's logprob
+                row.job.emit({**event, "text": ""})
+            if len(row.tokens) >= row.job.max_tokens:
+                self.close_row(row)
+            return
+        full = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         cuts = [full.find(s) for s in stops if s in full]
         if cuts:
             event["text"] = full[: min(cuts)][len(row.sent):]
