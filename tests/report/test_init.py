@@ -170,7 +170,9 @@ def test_shell_completion(tmp_path):
 
     runner = CliRunner()
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="llmcli")
-    assert script.exit_code == 0 and "complete -o default -F _llmcli_completion llmcli" in script.stdout
+    # failed once in a loaded suite with exit 1 (not reproduced alone): say why if it happens again
+    assert script.exit_code == 0 and "complete -o default -F _llmcli_completion llmcli" in script.stdout, \
+        (script.stdout[-300:], script.stderr[-300:], repr(script.exception))
     env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli rep", "COMP_CWORD": "1"}
     assert runner.invoke(app, [], prog_name="llmcli", env=env).stdout == "report\n"
     env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli init f", "COMP_CWORD": "2"}
