@@ -28,9 +28,10 @@ def inspect_sweep(sweep_dir: Path) -> dict[str, Any]:
     url = f"sqlite:///{sweep_dir.resolve() / STUDY_DB}"
     try:  # read-only; waits for a worker's write lock rather than failing
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}}, skip_table_creation=True)
-        (summary,) = [s for s in optuna.get_all_study_summaries(storage) if "confirms" not in s.user_attrs]
+        summaries = optuna.get_all_study_summaries(storage)
+        (summary,) = [s for s in summaries if "confirms" not in s.user_attrs]  # the search study; a confirm study beside it
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        runs = [s for s in optuna.get_all_study_summaries(storage) if s.user_attrs.get("confirms") == study.study_name]
+        runs = [s for s in summaries if s.user_attrs.get("confirms") == study.study_name]
     except Exception as err:  # not yet created, several studies, or not an Optuna database
         return {"path": str(sweep_dir), "error": f"{type(err).__name__}: {err}"[:200]}
     trials = study.get_trials(deepcopy=False)

@@ -66,11 +66,10 @@ def top_trials(study, k: int) -> list:
     return sorted(done, key=lambda t: (sign * t.value, t.number))[:k]
 
 
-def own_seed(sweep: SweepConfig, overrides: list[str], trial) -> int:
-    """The training.seed a search trial ran with: its searched value, else the base config's."""
-    if "training.seed" in trial.params:
-        return int(trial.params["training.seed"])
-    return load_config(sweep.base, overrides).training.seed
+def seeds_of(sweep: SweepConfig, overrides: list[str], trials: list) -> list[int]:
+    """The training.seed each search trial ran with: its searched value, else the base config's (read once)."""
+    base = None if all("training.seed" in t.params for t in trials) else load_config(sweep.base, overrides).training.seed
+    return [int(t.params["training.seed"]) if "training.seed" in t.params else base for t in trials]
 
 
 def runs_of(confirm, source: int, seed: int) -> list:
@@ -93,8 +92,8 @@ def claim(study, sweep: SweepConfig, overrides: list[str]):
     None when none is left to claim. Two workers may queue the same run at once; the later-numbered
     copy is marked surplus when claimed, so each (trial, seed) runs once."""
     confirm = confirm_study(study, create=True)
-    for source in top_trials(study, sweep.confirm.top_k):
-        mine = own_seed(sweep, overrides, source)
+    top = top_trials(study, sweep.confirm.top_k)
+    for source, mine in zip(top, seeds_of(sweep, overrides, top)):
         for seed in sweep.confirm.seeds:
             if seed != mine and needed(runs_of(confirm, source.number, seed)):
                 confirm.enqueue_trial({}, user_attrs={"confirm_of": source.number, "seed": seed}, skip_if_exists=False)
@@ -117,8 +116,8 @@ def confirmed(study, sweep: SweepConfig, overrides: list[str], sweep_dir: Path) 
         return {}
     confirm = confirm_study(study)
     out = {}
-    for source in top_trials(study, sweep.confirm.top_k):
-        mine = own_seed(sweep, overrides, source)
+    top = top_trials(study, sweep.confirm.top_k)
+    for source, mine in zip(top, seeds_of(sweep, overrides, top)):
         values, dirs, pending = {}, {}, []
         for seed in sweep.confirm.seeds:
             if seed == mine:

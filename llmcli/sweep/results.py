@@ -23,13 +23,15 @@ from llmcli.train import curves
 
 
 def report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool, overrides: list[str]) -> dict[str, Any]:
-    rows = write_tables(study, sweep, sweep_dir, overrides)
+    rows = _leaderboard(study, sweep, sweep_dir, overrides)
     best = _write_best(study, sweep, sweep_dir, rows)
     if best and sweep.test_file:
         winner = next(r for r in rows if r["trial"] == best["trial"])
         runs = list(winner["confirm"]["run_dirs"].values()) if winner.get("confirm") else [best["run_dir"]]
         best["test"] = winner["test"] = confirm.test_results(sweep, runs)
-        rows = write_tables(study, sweep, sweep_dir, overrides, test={best["trial"]: best["test"]})
+        if winner["test"] is None:
+            del winner["test"]
+    _write_rows(rows, sweep, sweep_dir)
     _plots(study, sweep, sweep_dir)
     if as_json:
         print(json.dumps(best or {}, default=files.json_default))
@@ -42,7 +44,7 @@ def report(study, sweep: SweepConfig, sweep_dir: Path, as_json: bool, overrides:
     return best or {}
 
 
-def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str], test: dict) -> list[dict[str, Any]]:
+def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
     """Confirmed trials first, by their mean over seeds; then the others by state and value."""
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.WAITING: 2, TrialState.FAIL: 3}
     sign = -1 if sweep.direction == "maximize" else 1
@@ -58,7 +60,7 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str
     baseline = (study.user_attrs.get("sweep") or {}).get("baseline") is not None
     rows = []
     for rank, t in enumerate(trials, 1):
-        run_dir = sweep_dir / f"trial-{t.number:04d}"  # this worker's view of the shared sweep dir
+        run_dir = confirm.trial_dir(sweep_dir, t)  # this worker's view of the shared sweep dir
         summary = layout.read_summary(run_dir) or {}
         runtime = curves.train_time(curves.read_metrics(run_dir), summary) if run_dir.is_dir() else None
         note = t.user_attrs.get("error", "")
@@ -75,14 +77,16 @@ def _leaderboard(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str
                "run_dir": str(run_dir) if run_dir.is_dir() else "", "note": note}
         if t.number in confirmed:
             row["confirm"] = confirmed[t.number]
-        if test.get(t.number):
-            row["test"] = test[t.number]
         rows.append(row)
     return rows
 
 
-def write_tables(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str], test: dict | None = None) -> list[dict[str, Any]]:
-    rows = _leaderboard(study, sweep, sweep_dir, overrides, test or {})
+def write_tables(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str]) -> None:
+    _write_rows(_leaderboard(study, sweep, sweep_dir, overrides), sweep, sweep_dir)
+
+
+def _write_rows(rows: list[dict[str, Any]], sweep: SweepConfig, sweep_dir: Path) -> None:
+    """leaderboard.jsonl and leaderboard.csv, each replaced atomically."""
     files.atomic_write_text(sweep_dir / "leaderboard.jsonl", "".join(json.dumps(r, default=files.json_default) + "\n" for r in rows))
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -96,7 +100,6 @@ def write_tables(study, sweep: SweepConfig, sweep_dir: Path, overrides: list[str
         writer.writerow([r["rank"], r["trial"], r["state"], r[sweep.metric], *(r["params"].get(k) for k in sweep.search),
                          *cells, r["global_step"], r["train_runtime_s"], r["run_dir"], r["note"]])
     files.atomic_write_text(sweep_dir / "leaderboard.csv", buf.getvalue())
-    return rows
 
 
 def _write_best(study, sweep: SweepConfig, sweep_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -116,7 +119,7 @@ def _write_best(study, sweep: SweepConfig, sweep_dir: Path, rows: list[dict[str,
         pending = sum(len(r["confirm"]["pending"]) for r in rows if r.get("confirm"))
         if pending:
             console.warn(f"{pending} confirm run(s) not finished yet: best.yaml is the best mean so far")
-    run_dir = sweep_dir / f"trial-{best.number:04d}"
+    run_dir = confirm.trial_dir(sweep_dir, best)
     path = sweep_dir / "best.yaml"
     try:
         cfg = load_config(run_dir / "config.yaml", [param_override("training.output_dir", str(sweep_dir / "best"))])
