@@ -23,6 +23,7 @@ CURVES_NAME = "curves.png"
 SMOOTH_FROM = 10  # fewer training-loss points than this are drawn as they are
 LOG_RATIO = 10  # a panel with "auto" scale goes logarithmic when its values span this ratio
 SESSION_END_KEY = "train_loss"  # Trainer's end-of-train() record (train_runtime, train_loss, total_flos)
+SESSION_START_KEY = "session_start"  # llmcli's record at the start of a resumed session (a killed one has no end record)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -73,9 +74,11 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
 
 
 def resume_steps(records: list[dict[str, Any]]) -> list[int]:
-    """Steps at which a training session ended and a later one carried on (a resume)."""
+    """Steps at which a training session ended and a later one carried on (a resume): a session's end
+    record followed by training, or a resumed session's start record (the only mark of a kill -9)."""
     ends = [i for i, r in enumerate(records) if SESSION_END_KEY in r]
-    return sorted({records[i]["step"] for i in ends if i < len(records) - 1 and any("loss" in r for r in records[i + 1:])})
+    steps = {records[i]["step"] for i in ends if i < len(records) - 1 and any("loss" in r for r in records[i + 1:])}
+    return sorted(steps | {r["step"] for r in records if r.get(SESSION_START_KEY)})
 
 
 def train_time(records: list[dict[str, Any]], summary: dict[str, Any], running: bool = False) -> float | None:
@@ -84,6 +87,9 @@ def train_time(records: list[dict[str, Any]], summary: dict[str, Any], running: 
     `train_runtime`; a session ends with its train_loss record. A running run counts up to now."""
     total, current, last_time, seen = 0.0, 0.0, None, False
     for record in records:
+        if record.get(SESSION_START_KEY):  # the session before it ended without an end record (killed)
+            total, current = total + current, 0.0
+            continue
         runtime = record.get("train_runtime")
         if not isinstance(runtime, (int, float)):
             continue

@@ -24,6 +24,7 @@ from llmcli.errors import TrainingFailed
 from llmcli.evaluate.metrics import safe_exp
 from llmcli.files import append_jsonl
 from llmcli.layout import STAGING_DIR, latest_checkpoint
+from llmcli.train.curves import SESSION_START_KEY
 
 
 def trainer_class(base: type) -> type:
@@ -94,6 +95,11 @@ class MetricsLog(TrainerCallback):
     def __init__(self, run_dir: Path, is_lm: bool):
         self.path = run_dir / "metrics.jsonl"
         self.is_lm = is_lm
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed session says where it starts: a session killed with -9 wrote no end record
+        if state.is_world_process_zero and state.global_step > 0:
+            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(), SESSION_START_KEY: True})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

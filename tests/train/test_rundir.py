@@ -76,6 +76,17 @@ def test_kill9_while_saving_resumes_from_the_previous_checkpoint_to_the_same_res
     resumed = [(e["step"], round(e["loss"], 4)) for e in read_jsonl(out / "metrics.jsonl") if "loss" in e]
     clean = [(e["step"], round(e["loss"], 4)) for e in read_jsonl(uninterrupted["dir"] / "metrics.jsonl") if "loss" in e]
     assert resumed == clean and [s for s, _ in resumed] == [2, 4, 6, 8, 10, 12]
+    # the resumed session marks its start (the killed one wrote no end record): curves.png's resume line, and
+    # the training time of both sessions, the killed one's up to its checkpoint
+    from llmcli.train import curves
+
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("session_start")] == [4] and curves.resume_steps(records) == [4]
+    at = next(i for i, r in enumerate(records) if r.get("session_start"))
+    killed = [r["train_runtime"] for r in records[:at] if "train_runtime" in r]
+    assert killed and all("train_loss" not in r for r in records[:at])
+    final = [r["train_runtime"] for r in records[at:] if "train_loss" in r]
+    assert curves.train_time(records, summary) == pytest.approx(killed[-1] + final[0], rel=1e-9)
 
 
 def test_signal_checkpoints_then_exits(cli, tmp_path):
