@@ -210,7 +210,7 @@ class Config(Section):
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), command: str | None = None,
-                values: dict[str, Any] | None = None) -> Config:
+                values: dict[str, Any] | None = None, check_training: bool = True) -> Config:
     """Read YAML (optional), apply `--set` overrides, then `values` (dotted key -> value, taken as is,
     not parsed as YAML: e.g. `--stop` strings), validate. Raises ConfigError (exit 2).
 
@@ -235,7 +235,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         raise ConfigError(_format_validation_error(err)) from None
     if command is not None:
         check_sections(cfg, command, file_sections, set_sections)
-    if command is None or "training" in COMMAND_SECTIONS[command]:
+    if check_training and (command is None or "training" in COMMAND_SECTIONS[command]):  # init checks them its own way
         from llmcli import tasks
 
         cfg.training = TrainingSection.model_validate(tasks.check_training_keys(cfg.training.model_dump(), tasks.args_class(cfg.task)))

@@ -196,22 +196,28 @@ def check_training_keys(training: dict[str, Any], args_cls: type | None = None) 
     import dataclasses
     import typing
 
-    from pydantic import TypeAdapter, ValidationError
-
-    from llmcli.config import TrainingSection, suggest
-
     if args_cls is None:
         from transformers import TrainingArguments as args_cls
 
     fields = {f.name for f in dataclasses.fields(args_cls) if f.init}
-    hints = typing.get_type_hints(args_cls)
+    return check_training_values(training, fields, typing.get_type_hints(args_cls), args_cls.__name__)
+
+
+def check_training_values(training: dict[str, Any], fields: set[str], hints: dict[str, Any], class_name: str) -> dict[str, Any]:
+    """`check_training_keys` given the class's field names and declared types rather than the class
+    (`llmcli init --from` reads them from TrainingArguments' source); a field without a type in
+    `hints` has its name checked only."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from llmcli.config import TrainingSection, suggest
+
     out = dict(training)
     for key, value in training.items():
         if key in TrainingSection.LLMCLI_KEYS:
             continue
         if key not in fields:
-            raise ConfigError(f"unknown config key 'training.{key}': not a {args_cls.__name__} field{suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
-        if value is None:
+            raise ConfigError(f"unknown config key 'training.{key}': not a {class_name} field{suggest(key, fields | TrainingSection.LLMCLI_KEYS)}")
+        if value is None or key not in hints:
             continue
         if isinstance(value, bool) and _admits_str_not_bool(hints[key]):
             # YAML 1.1 reads `save_strategy: no` as False; these fields mean the string

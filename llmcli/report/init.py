@@ -62,7 +62,9 @@ def run(command: str, from_path: str | None = None, output: str | None = None) -
     elif not from_path:
         cfg = config.Config()
     else:
-        cfg = config.load_config(from_path, command=command)
+        cfg = config.load_config(from_path, command=command, check_training=False)
+        if "training" in sections:
+            cfg.training = config.TrainingSection.model_validate(_checked_training(cfg))
     text = render(command, cfg, sections, from_path, output)
     if output is None:
         print(text, end="")
@@ -186,6 +188,56 @@ def _training(cfg: config.Config) -> list[str]:
 class TrainingArgument:
     default: Any
     help: str
+    annotation: str = ""  # the declared type as written in the source
+
+
+# What a TrainingArguments annotation may name for `--from`'s type check; a field whose annotation
+# names anything else (its enums: IntervalStrategy, OptimizerNames, ...) has its name checked only.
+_ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list, "None": type(None),
+                     "Optional": typing.Optional, "Union": typing.Union, "Any": typing.Any, "Literal": typing.Literal}
+
+
+def _checked_training(cfg: config.Config) -> dict[str, Any]:
+    """The `training:` keys of a `--from` config checked as a run checks them, torch-free: names and
+    types from TrainingArguments' source (a feedback task's TRL class is imported, as a run does)."""
+    from llmcli import tasks
+
+    training = cfg.training.model_dump()
+    if cfg.task in tasks.FEEDBACK_TASKS:
+        return tasks.check_training_keys(training, tasks.args_class(cfg.task))
+    fields, hints = training_argument_fields(), {}
+    for name, field in fields.items():
+        try:
+            hints[name] = _annotation(ast.parse(field.annotation, mode="eval").body)
+        except (KeyError, SyntaxError, TypeError, ValueError):
+            pass
+    for ref in cfg.training.callbacks:
+        tasks.callback_class(ref)
+    return tasks.check_training_values(training, set(fields), hints, "TrainingArguments")
+
+
+def _annotation(node):
+    """A type from an annotation's syntax tree, built from `_ANNOTATION_NAMES` only (KeyError otherwise)."""
+    if isinstance(node, ast.Constant) and node.value is None:
+        return type(None)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):  # a quoted annotation
+        return _annotation(ast.parse(node.value, mode="eval").body)
+    if isinstance(node, ast.Name):
+        return _ANNOTATION_NAMES[node.id]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        sides = [node.left, node.right]
+        if any(isinstance(n, ast.Name) and n.id == "str" for n in sides) and any(
+                isinstance(n, ast.Name) and n.id not in _ANNOTATION_NAMES for n in sides):
+            return str  # `SchedulerType | str`: a string enum or any string, so any string
+        return typing.Union[_annotation(node.left), _annotation(node.right)]
+    if isinstance(node, ast.Subscript):
+        base = _annotation(node.value)
+        args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if base is typing.Literal:
+            return typing.Literal[tuple(ast.literal_eval(a) for a in args)]
+        resolved = tuple(_annotation(a) for a in args)
+        return base[resolved if len(resolved) > 1 else resolved[0]]
+    raise KeyError(ast.dump(node))
 
 
 def training_argument_fields() -> dict[str, TrainingArgument]:
@@ -215,7 +267,7 @@ def training_argument_fields() -> dict[str, TrainingArgument]:
             default = keywords.get("default")
             meta = _literal(keywords["metadata"], {}) if "metadata" in keywords else None
             help_ = meta.get("help", "") if isinstance(meta, dict) else ""
-        fields[node.target.id] = TrainingArgument(_literal(default, names), help_ or "")
+        fields[node.target.id] = TrainingArgument(_literal(default, names), help_ or "", ast.unparse(node.annotation))
     return fields
 
 

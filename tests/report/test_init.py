@@ -128,6 +128,12 @@ def test_bad_uses_exit_2(cli, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  learning_rat: 1\n")
     assert "did you mean 'learning_rate'" in cli("init", "pretrain", "--from", bad, expect=2).stderr
+    bad.write_text("training:\n  learning_rate: fast\n")  # types are checked too, from TrainingArguments' source
+    assert cli("init", "pretrain", "--from", bad, expect=2).stderr == \
+        "error: config key 'training.learning_rate': expected float, got 'fast'\n"
+    bad.write_text("training:\n  save_strategy: no\n  learning_rate: 5e-4\n")  # YAML's `no` and a string number
+    training = yaml.safe_load(cli("init", "pretrain", "--from", bad).stdout)["training"]
+    assert training["save_strategy"] == "no" and training["learning_rate"] == 5e-4
     cli("init", "train", expect=2)
 
 
@@ -190,9 +196,11 @@ def test_training_arguments_read_from_source_equal_the_imported_class():
         assert (read[name].default, read[name].help) == (imported[name].default, imported[name].help), name
 
 
-def test_init_never_imports_torch():
+@pytest.mark.parametrize("args", [["init", "finetune"], ["init", "finetune", "--from", str(ROOT / "configs/sst2.yaml")]])
+def test_init_never_imports_torch(args):
+    """Plain, and `--from` a training config: its training keys are checked against TrainingArguments' source."""
     code = ("import sys\nfrom llmcli.cli import app\n"
-            "try:\n    app(['init', 'finetune'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
