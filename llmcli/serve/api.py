@@ -131,24 +131,7 @@ def build_app(service: Service):
                 f", got {first['input']!r}" if "input" in first and not isinstance(first["input"], dict) else "")
         return JSONResponse(ApiError(400, message, ".".join(loc) or None).body(), status_code=400)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        if serve_cfg.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {serve_cfg.api_key}".encode()):
-                m.count(path, 401)
-                return JSONResponse(ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                                             code="invalid_api_key").body(), status_code=401)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > serve_cfg.max_request_bytes:
-            m.count(path, 413)
-            return JSONResponse(ApiError(413, f"request body of {size} bytes is above serve.max_request_bytes "
-                                              f"({serve_cfg.max_request_bytes})", code="request_too_large").body(), status_code=413)
-        response = await call_next(request)
-        m.count(path, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(_Guard, cfg=serve_cfg, metrics=m)
 
     @app.get("/health")
     async def health():
@@ -210,9 +193,45 @@ def build_app(service: Service):
         data = [{"index": i, **{k: v for k, v in rows[i].items() if k in ("label", "score", "scores")}} for i in sorted(rows)]
         usage = {"prompt_tokens": sum(map(len, prompts)), "total_tokens": sum(map(len, prompts))}
         m.tokens(usage)
-        return {"object": "list", "model": service.name, "data": data, "usage": usage}
+        return JSONResponse({"object": "list", "model": service.name, "data": data, "usage": usage})
 
     return app
+
+
+class _Guard:
+    """The API key, the body-size cap and the request metrics, as plain ASGI middleware (Starlette's
+    `@app.middleware("http")` wraps every request in extra tasks and streams: milliseconds each)."""
+
+    def __init__(self, app, cfg, metrics):
+        self.app, self.cfg, self.metrics = app, cfg, metrics
+        self.expected = f"Bearer {cfg.api_key}".encode() if cfg.api_key is not None else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path = time.perf_counter(), scope["path"]
+        headers = dict(scope["headers"])
+        if self.expected is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            error = ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+            return await self._refuse(error, path, scope, receive, send)
+        size = headers.get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.cfg.max_request_bytes:
+            error = ApiError(413, f"request body of {int(size)} bytes is above serve.max_request_bytes ({self.cfg.max_request_bytes})",
+                             code="request_too_large")
+            return await self._refuse(error, path, scope, receive, send)
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.count(path, message["status"], time.perf_counter() - start)
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+    async def _refuse(self, error: ApiError, path: str, scope, receive, send) -> None:
+        from fastapi.responses import JSONResponse
+
+        self.metrics.count(path, error.status)
+        await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 def _prompts(service: Service, prompt) -> tuple[list[str], list[list[int]]]:
@@ -262,7 +281,7 @@ def _chat_prompt(service: Service, req: ChatRequest) -> list[int]:
 async def _respond(service: Service, req, job: Job, events: asyncio.Queue, meta: dict[str, Any], choice, chat: bool,
                    echo: list[str] | None = None):
     """A stream of the job's events, or (waiting for every row) the whole response with its usage."""
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     prompt_tokens = sum(map(len, job.prompts))  # each prompt once, whatever n
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
@@ -274,7 +293,7 @@ async def _respond(service: Service, req, job: Job, events: asyncio.Queue, meta:
     usage["completion_tokens"] = sum(r["completion_tokens"] for r in rows.values())
     usage["total_tokens"] = prompt_tokens + usage["completion_tokens"]
     service.metrics.tokens(usage)
-    return {**meta, "choices": [choice(i, rows[i]) for i in sorted(rows)], "usage": usage}
+    return JSONResponse({**meta, "choices": [choice(i, rows[i]) for i in sorted(rows)], "usage": usage})
 
 
 def _completion_logprobs(tokens: list[dict[str, Any]], row: dict[str, Any], k: int | None) -> dict[str, Any] | None:
