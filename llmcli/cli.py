@@ -222,8 +222,8 @@ def serve(
     port: Annotated[Optional[int], typer.Option("--port", help="TCP port (default 8000; 0 = any free port).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' (or set LLMCLI_API_KEY).")] = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the model path's last part).")] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Most rows in one batched forward (default 64).")] = None,
-    max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms", help="How long a request waits for others to share its batch (default 10).")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Most rows in the running batch (default 64).")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms", help="With nothing running, how long the first request waits for others to start with it (default 10).")] = None,
     device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
 ):
     """Serve a model over the OpenAI API (completions, chat, models) plus /v1/classify, /health and /metrics."""

@@ -5,7 +5,8 @@ Two models, both saved locally: the Shakespeare demo (configs/shakespeare.yaml's
 steps: the architecture is what costs) and a GPT-2 6x384 with GPT-2's own BPE (random weights). Every request is
 greedy, `max_tokens` tokens from one of 64 Shakespeare prompts; throughput counts the completion tokens the
 servers report. Each server first gets one untimed round of the concurrent load (the first batch of each shape
-is slow on CPU), the offline batches one untimed batch. Then 10,000 short requests, the llmcli server's RSS before and after.
+is slow on CPU), the offline batches one untimed batch. Offline batches and the 64-client load then alternate
+`--repeats` times (medians reported, and each round's ratio). Then 10,000 short requests, the llmcli server's RSS before and after.
 
     python scripts/bench_serve.py --text data/tinyshakespeare.txt --gpt2-tokenizer ../shared/data/gpt2_bpe
     python scripts/bench_serve.py ... --quick          # fewer requests, 1,000 in the soak
@@ -128,21 +129,32 @@ async def load(url: str, model: str, prompts: list[str], clients: int, per_clien
             "p50_s": statistics.median(latencies), "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
-def offline(model_dir: Path, prompts: list[str], max_tokens: int, batch: int) -> dict:
-    """llmcli generate's batched path in this process, the model loaded first: greedy, batches of `batch`."""
-    from llmcli.config import GenerationSection, ModelSection
-    from llmcli.generate.generate import _encode, _generate_batch
-    from llmcli.models import load
+class Offline:
+    """llmcli generate's batched path in this process, the model loaded once: greedy, batches of `batch`."""
 
-    model, tok, _ = load.load_for_inference(str(model_dir), ModelSection(), "cpu", None)
-    g = GenerationSection(max_new_tokens=max_tokens, temperature=0, batch_size=batch)
-    encoded = sorted((_encode(tok, p) for p in prompts), key=len)
-    _generate_batch(model, tok, encoded[:batch], g)  # warm-up
-    start, tokens = time.perf_counter(), 0
-    for b in range(0, len(encoded), batch):
-        tokens += sum(r["completion_tokens"][0] for r in _generate_batch(model, tok, encoded[b : b + batch], g))
-    wall = time.perf_counter() - start
-    return {"completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+    def __init__(self, model_dir: Path, prompts: list[str], max_tokens: int, batch: int):
+        from llmcli.config import GenerationSection, ModelSection
+        from llmcli.generate.generate import _encode
+        from llmcli.models import load
+
+        self.model, self.tok, _ = load.load_for_inference(str(model_dir), ModelSection(), "cpu", None)
+        self.g = GenerationSection(max_new_tokens=max_tokens, temperature=0, batch_size=batch)
+        self.encoded, self.batch = sorted((_encode(self.tok, p) for p in prompts), key=len), batch
+        self.run(self.encoded[:batch])  # warm-up
+
+    def run(self, encoded: list | None = None) -> dict:
+        from llmcli.generate.generate import _generate_batch
+
+        encoded = self.encoded if encoded is None else encoded
+        start, tokens = time.perf_counter(), 0
+        for b in range(0, len(encoded), self.batch):
+            tokens += sum(r["completion_tokens"][0] for r in _generate_batch(self.model, self.tok, encoded[b : b + self.batch], self.g))
+        wall = time.perf_counter() - start
+        return {"completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
 
 def free_port() -> int:
@@ -161,6 +173,7 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=4, help="requests each concurrent client sends")
     ap.add_argument("--sequential", type=int, default=32, help="requests sent one at a time")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating offline / 64-client rounds (medians reported)")
     ap.add_argument("--soak", type=int, default=10_000, help="short requests for the RSS check (0: skip)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--quick", action="store_true")
@@ -176,20 +189,29 @@ def main() -> None:
     results = {}
     for label, model_dir in models.items():
         r: dict = {"model_dir": str(model_dir)}
-        r["offline_generate"] = offline(model_dir, [prompts[i % len(prompts)] for i in range(args.clients * args.per_client)],
-                                        args.max_tokens, args.clients)
+        offline = Offline(model_dir, [prompts[i % len(prompts)] for i in range(args.clients * args.per_client)], args.max_tokens,
+                          args.clients)
         srv = Server([sys.executable, "-m", "llmcli", "serve", "--model", str(model_dir), "--port", "0", "--model-name", "m"],
                      ready_pattern=r"on (http://127\.0\.0\.1:\d+)/v1")
         try:
             asyncio.run(load(srv.url, "m", prompts, args.clients, 1, args.max_tokens))  # warm-up: first batches of each shape are slow
             r["llmcli_sequential"] = asyncio.run(load(srv.url, "m", prompts, 1, args.sequential, args.max_tokens))
-            r["llmcli_concurrent"] = asyncio.run(load(srv.url, "m", prompts, args.clients, args.per_client, args.max_tokens))
+            # offline and served rounds alternate (the server idles while offline runs), so that a slower spell of a
+            # shared machine does not land on one side only; the medians are reported
+            rounds = []
+            for _ in range(args.repeats):
+                rounds.append({"offline_generate": offline.run(),
+                               "llmcli_concurrent": asyncio.run(load(srv.url, "m", prompts, args.clients, args.per_client, args.max_tokens))})
+            r["rounds"] = rounds
+            r["offline_generate"] = median_run([x["offline_generate"] for x in rounds])
+            r["llmcli_concurrent"] = median_run([x["llmcli_concurrent"] for x in rounds])
             if args.soak and label.startswith("shakespeare"):
                 before = srv.rss_mib()
                 soak = asyncio.run(load(srv.url, "m", prompts, args.clients, args.soak // args.clients, 4))
                 r["soak"] = {"requests": soak["requests"], "wall_s": soak["wall_s"], "rss_before_mib": before, "rss_after_mib": srv.rss_mib()}
         finally:
             srv.stop()
+        del offline
         if not args.skip_transformers:
             port = free_port()
             hf = Server(["transformers", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1"], port=port)
@@ -201,7 +223,9 @@ def main() -> None:
                 hf.stop()
         conc, seq, off = r["llmcli_concurrent"], r["llmcli_sequential"], r["offline_generate"]
         r["ratios"] = {"concurrent_over_sequential": conc["tokens_per_s"] / seq["tokens_per_s"],
-                       "concurrent_over_offline_generate": conc["tokens_per_s"] / off["tokens_per_s"]}
+                       "concurrent_over_offline_generate": conc["tokens_per_s"] / off["tokens_per_s"],
+                       "concurrent_over_offline_each_round": [x["llmcli_concurrent"]["tokens_per_s"] / x["offline_generate"]["tokens_per_s"]
+                                                              for x in r["rounds"]]}
         if "transformers_serve_concurrent" in r:
             r["ratios"]["llmcli_over_transformers_serve"] = conc["tokens_per_s"] / r["transformers_serve_concurrent"]["tokens_per_s"]
         results[label] = r
@@ -214,7 +238,8 @@ def main() -> None:
             if key in r:
                 x = r[key]
                 print(f"{label:30} {name:34} {x['tokens_per_s']:9.1f} {x.get('p50_s', float('nan')):7.3f} {x.get('p99_s', float('nan')):7.3f}")
-        print(f"{label:30} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+        print(f"{label:30} ratios: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} " + "/".join(f"{x:.2f}" for x in v)
+                                                  for k, v in r["ratios"].items()))
         if "soak" in r:
             s = r["soak"]
             print(f"{label:30} soak: {s['requests']} requests in {s['wall_s']:.0f} s, RSS {s['rss_before_mib']:.0f} -> {s['rss_after_mib']:.0f} MiB")

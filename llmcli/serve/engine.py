@@ -1,19 +1,21 @@
-"""The batching engine behind `llmcli serve`: one thread owns the model; HTTP handlers queue rows.
+"""The engine behind `llmcli serve`: one thread owns the model; HTTP handlers queue rows.
 
-A row is one completion to produce (a prompt, times `n`) or one text to classify. The engine
-takes the oldest queued row, waits at most `max_wait_ms` for others, and runs up to
-`max_batch_size` rows that can share a forward in one batched `model.generate` (left-padded, as
-`llmcli generate` batches, so a greedy row's tokens do not depend on its neighbours). Which rows
-share a batch: every greedy row with every other greedy row (with the same repetition penalty);
-sampled rows when their sampling settings are equal; a row with a `seed` only with the other rows
-of its own request, so that the seed alone decides its sample.
+A row is one completion to produce (a prompt, times `n`) or one text to classify. Completions run
+in one batch that rows join between decode steps and leave when done (continuous batching, in
+`decode.py`): a request that arrives while others are generating starts at the next step instead
+of waiting for the whole batch to end. When the batch is empty, the first queued row waits at
+most `max_wait_ms` for others to start with it. At most `max_batch_size` rows run at once.
 
-Each row has its own `max_tokens`, stop strings and end: one object serves as generate's streamer
-(it sees each step's tokens), its stopping criteria (a row is done at EOS, its stop string, its
-length, or when its client went away; the batch ends when all are) and, when asked, a logits
-processor that keeps the log-probabilities of the model's distribution (after the repetition
-penalty, before temperature and top-k/p) for `logprobs`. Events go back to each request's
-asyncio queue from this thread with `loop.call_soon_threadsafe`.
+Every row picks its own next token from its own logits, so rows with any sampling settings share
+the batch: greedy rows take the argmax; sampled rows are warped with Transformers' own processors
+(repetition penalty over the row's own tokens, then temperature, top-k, top-p, min-p, the order
+`generate` uses); a request with a `seed` samples from its own generators (one per choice, seeded
+from the seed and the choice's index), so the seed alone decides its text.
+
+A row ends at EOS, at one of its stop strings, at its `max_tokens`, or when its client went away.
+`logprobs` are those of the model's distribution after the repetition penalty, before temperature
+and top-k/p. Events go back to each request's asyncio queue from this thread with
+`loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llmcli import console
-from llmcli.generate.generate import eos_ids, finish, pad_batch
+from llmcli.generate.generate import eos_ids, finish
 
 
 @dataclass
@@ -37,13 +39,10 @@ class Sampling:
     repetition_penalty: float | None
     seed: int | None
 
-    def key(self, job_id: int) -> tuple:
-        """Rows with equal keys can share a batch."""
-        if self.seed is not None:
-            return ("seeded", job_id)
-        if self.temperature == 0:
-            return ("greedy", self.repetition_penalty)
-        return ("sampled", self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+    @property
+    def warp_key(self) -> tuple:
+        """Sampled rows with equal keys are warped together."""
+        return (self.temperature, self.top_p, self.top_k, self.min_p)
 
 
 @dataclass
@@ -74,10 +73,7 @@ class Row:
     sent: str = ""  # text already emitted
     done: bool = False
     ended_by_eos: bool = False
-
-    @property
-    def key(self) -> tuple:
-        return ("classify",) if self.job.kind == "classify" else self.job.sampling.key(self.job.id)
+    generator: Any = None  # a seeded request's torch.Generator for this choice
 
 
 class Engine:
@@ -87,7 +83,7 @@ class Engine:
         self.observe = observe or (lambda **_: None)  # metrics: batch size, queue time
         self.eos = eos_ids(model, tokenizer) if kind == "causal-lm" else set()
         self.pending: list[Row] = []
-        self.active = 0  # rows of the batch being computed that still take tokens
+        self.active = 0  # rows of the running batch that still take tokens
         self.generated = 0  # tokens generated, including those of rows whose client went away
         self.cond = threading.Condition()
         self.stopping = False
@@ -110,44 +106,47 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[Row] | None:
+    def _admit(self, running: int, can_join: bool) -> list[Row] | None:
+        """Queued rows to start now (None: stop). With nothing running, wait for the first row and
+        up to `max_wait` for others; with rows running, take what is queued without waiting."""
         with self.cond:
-            while not self.pending and not self.stopping:
-                self.cond.wait()
+            if running == 0:
+                while not self.pending and not self.stopping:
+                    self.cond.wait()
+                deadline = self.pending[0].job.enqueued + self.max_wait if self.pending else 0
+                while time.perf_counter() < deadline and len(self.pending) < self.max_batch_size and not self.stopping:
+                    self.cond.wait(timeout=max(0.0, deadline - time.perf_counter()))
             if self.stopping:
                 return None
-            deadline = self.pending[0].job.enqueued + self.max_wait
-            while time.perf_counter() < deadline and len(self.pending) < self.max_batch_size and not self.stopping:
-                self.cond.wait(timeout=max(0.0, deadline - time.perf_counter()))
-            self.pending = [r for r in self.pending if not r.job.cancelled.is_set()]
-            if not self.pending:
+            if not can_join:
                 return []
-            key = self.pending[0].key
-            batch = [r for r in self.pending if r.key == key][: self.max_batch_size]
-            taken = {id(r) for r in batch}
-            self.pending = [r for r in self.pending if id(r) not in taken]
-            return batch
+            self.pending = [r for r in self.pending if not r.job.cancelled.is_set()]
+            rows, self.pending = self.pending[: self.max_batch_size - running], self.pending[self.max_batch_size - running :]
+        now = time.perf_counter()
+        if rows:
+            self.observe(queue_s=[now - r.job.enqueued for r in rows])
+        return rows
 
     def _loop(self) -> None:
         import torch
 
-        while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
-            now = time.perf_counter()
-            self.observe(batch_size=len(batch), queue_s=[now - r.job.enqueued for r in batch])
-            self.active = len(batch)
-            try:
-                with torch.inference_mode():
-                    if batch[0].job.kind == "classify":
-                        self._classify(batch)
-                    else:
-                        self._generate(batch)
-            except Exception as err:  # the batch's requests get the error; the server goes on
-                console.warn(f"a batch of {len(batch)} failed: {type(err).__name__}: {err}")
-                for job in {id(r.job): r.job for r in batch}.values():
-                    job.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
-            self.active = 0
+        with torch.inference_mode():
+            if self.kind == "causal-lm":
+                while self._generate():
+                    pass
+                return
+            while (rows := self._admit(0, True)) is not None:
+                if rows:
+                    self.observe(batch_size=len(rows))
+                    try:
+                        self._classify(rows)
+                    except Exception as err:  # the batch's requests get the error; the server goes on
+                        self._fail(rows, err)
+
+    def _fail(self, rows: list[Row], err: Exception) -> None:
+        console.warn(f"a batch of {len(rows)} failed: {type(err).__name__}: {err}")
+        for job in {id(r.job): r.job for r in rows}.values():
+            job.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
 
     def _classify(self, batch: list[Row]) -> None:
         from llmcli.evaluate.scoring import Scorer
@@ -162,80 +161,104 @@ class Engine:
         for row, res in zip(batch, results):
             row.job.emit({"type": "classified", "index": row.index, **res})
 
-    def _generate(self, batch: list[Row]) -> None:
+    def _generate(self) -> bool:
+        """Run the batch until it is empty; False once the engine stops. A failed step fails every
+        row of the batch (their requests get the error) and the engine starts a new batch."""
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from llmcli.config import GenerationSection
-        from llmcli.generate.generate import generate_kwargs
+        from llmcli.serve.decode import RunningBatch
 
-        s = batch[0].job.sampling
-        g = GenerationSection(max_new_tokens=max(r.job.max_tokens for r in batch), temperature=s.temperature, top_k=s.top_k,
-                              top_p=s.top_p, min_p=s.min_p, repetition_penalty=s.repetition_penalty)
-        state = _BatchState(batch, self.tokenizer, self.eos, self)
-        extra = {"streamer": state, "stopping_criteria": StoppingCriteriaList([state.stopper])}
-        if any(r.job.logprobs is not None for r in batch):
-            extra["logits_processor"] = LogitsProcessorList([state.recorder])
-        if s.seed is not None:
-            torch.manual_seed(s.seed)
-        input_ids, mask = pad_batch(self.tokenizer, [r.prompt for r in batch], self.model.device, left=True)
-        self.model.generate(input_ids=input_ids, attention_mask=mask, **generate_kwargs(self.tokenizer, g, **extra))
-        for row in batch:
-            if not row.done:
-                state.close_row(row)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch, rows, tokens = RunningBatch(self.model, pad), [], None
+        try:
+            while True:
+                keep = [i for i, r in enumerate(rows) if not r.done]
+                batch.keep(keep)
+                rows, tokens = [rows[i] for i in keep], tokens[keep] if keep else None
+                new = self._admit(len(rows), batch.can_join)
+                if new is None:
+                    return False
+                if not rows and not new:
+                    continue
+                for row in new:
+                    row.generator = self.generator(row)
+                running, rows = rows, rows + new  # a failing step fails the new rows too
+                logits = [batch.step(tokens)] if running else []
+                if new:
+                    logits.append(batch.add([r.prompt for r in new]))
+                self.observe(batch_size=len(rows))
+                logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+                tokens, logprobs = self._choose(rows, logits)
+                for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+                    self._take(row, token, logprobs[i] if logprobs is not None and row.job.logprobs is not None else None)
+                self.active = sum(not r.done for r in rows)
+                if not self.active:
+                    return True
+        except Exception as err:
+            self._fail([r for r in rows if not r.done], err)
+            self.active = 0
+            return True
 
+    def generator(self, row: Row):
+        """A seeded request's generator for one choice: seeded from the seed and the choice's index."""
+        import torch
 
-class _BatchState:
-    """generate's streamer for one batch, with its stopping criteria and logprob recorder."""
+        seed = row.job.sampling.seed
+        return None if seed is None else torch.Generator(self.model.device).manual_seed((seed * 65537 + row.index) % 2**63)
 
-    def __init__(self, rows: list[Row], tokenizer, eos: set[int], engine: Engine):
-        from transformers import LogitsProcessor, StoppingCriteria
+    def _choose(self, rows: list[Row], logits):
+        """Each row's next token (a tensor), and the log-probabilities when any row asked for them."""
+        import torch
+        from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        self.rows, self.tokenizer, self.eos, self.engine = rows, tokenizer, eos, engine
-        self.prompt_seen, self.last = False, None
-        state = self
+        for i, row in enumerate(rows):
+            penalty = row.job.sampling.repetition_penalty
+            if penalty:  # as RepetitionPenaltyLogitsProcessor, over this row's own tokens only
+                seen = torch.tensor(row.prompt + row.tokens, device=logits.device)
+                score = logits[i, seen]
+                logits[i, seen] = torch.where(score < 0, score * penalty, score / penalty)
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.job.logprobs is not None for r in rows) else None
+        tokens = logits.argmax(dim=-1)
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.job.sampling.temperature > 0:
+                groups.setdefault(row.job.sampling.warp_key, []).append(i)
+        for idx in groups.values():
+            s = rows[idx[0]].job.sampling
+            scores = logits[idx]
+            warpers = [TemperatureLogitsWarper(s.temperature)] if s.temperature != 1 else []
+            warpers += [TopKLogitsWarper(s.top_k)] if s.top_k else []
+            warpers += [TopPLogitsWarper(s.top_p)] if s.top_p is not None and s.top_p < 1 else []
+            warpers += [MinPLogitsWarper(s.min_p)] if s.min_p is not None else []
+            for warp in warpers:
+                scores = warp(None, scores)
+            probs = torch.softmax(scores, dim=-1)
+            shared = [j for j, i in enumerate(idx) if rows[i].generator is None]
+            if shared:
+                tokens[[idx[j] for j in shared]] = torch.multinomial(probs[shared], 1).view(-1)
+            for j, i in enumerate(idx):
+                if rows[i].generator is not None:
+                    tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+        return tokens, logprobs
 
-        class Stopper(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                import torch
-
-                return torch.tensor([r.done for r in state.rows], device=input_ids.device)
-
-        class Recorder(LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                import torch
-
-                state.last = torch.log_softmax(scores.float(), dim=-1)
-                return scores
-
-        self.stopper, self.recorder = Stopper(), Recorder()
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate passes the prompt first
-            self.prompt_seen = True
+    def _take(self, row: Row, token: int, logprobs) -> None:
+        """Row's new token: emit its text (or end the row at EOS, a stop string or max_tokens)."""
+        self.generated += 1
+        if row.job.cancelled.is_set():
+            row.done = True  # its client went away: the row leaves the batch
             return
-        tokens = value.tolist()
-        for i, (row, token) in enumerate(zip(self.rows, tokens)):
-            if row.done:
-                continue
-            self.engine.generated += 1
-            if row.job.cancelled.is_set():
-                row.done = True  # its client went away: the row stops taking compute
-                self.engine.active -= 1
-                continue
-            if token in self.eos:
-                row.ended_by_eos = True
-                self.close_row(row)
-                continue
-            row.tokens.append(token)
-            event = {"type": "token", "index": row.index, "token": token}
-            if row.job.logprobs is not None and self.last is not None:
-                lp = self.last[i]
-                event["logprob"], event["piece"] = float(lp[token]), self.tokenizer.decode([token])
-                if row.job.logprobs:
-                    top = lp.topk(row.job.logprobs)
-                    event["top_logprobs"] = {self.tokenizer.decode([t]): float(v) for v, t in zip(top.values.tolist(), top.indices.tolist())}
-            self._text(row, event)
+        if token in self.eos:
+            row.ended_by_eos = True
+            self._close(row)
+            return
+        row.tokens.append(token)
+        event = {"type": "token", "index": row.index, "token": token}
+        if logprobs is not None:
+            event["logprob"], event["piece"] = float(logprobs[token]), self.tokenizer.decode([token])
+            if row.job.logprobs:
+                top = logprobs.topk(row.job.logprobs)
+                event["top_logprobs"] = {self.tokenizer.decode([t]): float(v) for v, t in zip(top.values.tolist(), top.indices.tolist())}
+        self._text(row, event)
 
     def _text(self, row: Row, event: dict[str, Any]) -> None:
         """Emit the row's new text: held back while it may be the start of a stop string or ends in an
@@ -245,7 +268,7 @@ class _BatchState:
             if "logprob" in event:  # the response lists every token's logprob
                 row.job.emit({**event, "text": ""})
             if len(row.tokens) >= row.job.max_tokens:
-                self.close_row(row)
+                self._close(row)
             return
         full = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         cuts = [full.find(s) for s in stops if s in full]
@@ -253,29 +276,25 @@ class _BatchState:
             event["text"] = full[: min(cuts)][len(row.sent):]
             row.sent += event["text"]
             row.job.emit(event)
-            self.close_row(row)
+            self._close(row)
             return
         if len(row.tokens) >= row.job.max_tokens:
             event["text"] = full[len(row.sent):]
             row.sent = full
             row.job.emit(event)
-            self.close_row(row)
+            self._close(row)
             return
         safe = len(full.rstrip("\ufffd")) - (max(len(s) for s in stops) - 1 if stops else 0)
         event["text"] = full[len(row.sent): max(safe, len(row.sent))]
         row.sent += event["text"]
         row.job.emit(event)
 
-    def close_row(self, row: Row) -> None:
+    def _close(self, row: Row) -> None:
         """The row's final text, token count and finish_reason, as `llmcli generate` computes them."""
         row.done = True
-        self.engine.active -= 1
         seq = row.tokens + ([next(iter(self.eos))] if row.ended_by_eos else [])
         text, count, reason = finish(self.tokenizer, seq, self.eos, row.job)
         rest = text[len(row.sent):] if text.startswith(row.sent) else ""
         row.sent = text
         row.job.emit({"type": "end", "index": row.index, "text": rest, "completion": text, "completion_tokens": count,
                       "finish_reason": reason})
-
-    def end(self) -> None:
-        """generate's streamer protocol: called once the batch is done (rows end one by one, above)."""

@@ -144,8 +144,10 @@ class Metrics:
         self.prompt_tokens.inc(usage.get("prompt_tokens", 0))
         self.completion_tokens.inc(usage.get("completion_tokens", 0))
 
-    def batch(self, batch_size: int, queue_s: list[float]) -> None:
-        self.batch_size.observe(batch_size)
+    def batch(self, batch_size: int | None = None, queue_s: tuple[float, ...] = ()) -> None:
+        """A forward's rows (each decode step of the running batch), or the queue time of rows starting."""
+        if batch_size is not None:
+            self.batch_size.observe(batch_size)
         for q in queue_s:
             self.queue.observe(q)
 

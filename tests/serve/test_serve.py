@@ -41,8 +41,8 @@ def server(model, *args, env=None):
 
     threading.Thread(target=read, daemon=True).start()
     ready.wait(120)
-    found = [re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line) for line in lines]
-    url = next((m.group(1) for m in found if m), None)
+    found = [re.search(r"on (http://[\d.]+:\d+)/v1", line) for line in lines]
+    url = next((m.group(1).replace("0.0.0.0", "127.0.0.1") for m in found if m), None)
     assert url, "".join(lines)
     try:
         yield url, proc, lines
@@ -62,9 +62,11 @@ def metric(url, name, headers=None):
 
 
 def test_completions_batched_streamed_and_equal_to_generate(cli, gpt2_run, tmp_path):
-    """64 concurrent greedy requests get exactly the tokens each gets alone, and `llmcli generate --temperature 0`'s
-    text and counts; a stream reassembles to the same text with its id on the first chunk, finish_reason on the
-    last and the same usage; chosen-token logprobs equal the model's log-softmax from an independent forward."""
+    """64 concurrent greedy requests, which join a batch where a long stream is already generating, get exactly the
+    tokens each gets alone, and `llmcli generate --temperature 0`'s text and counts; so does the long stream, and a
+    seeded sampled request among them gets the text it gets alone. A stream reassembles to the same text with its
+    id on the first chunk, finish_reason on the last and the same usage; chosen-token logprobs equal the model's
+    log-softmax from an independent forward."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,15 +74,29 @@ def test_completions_batched_streamed_and_equal_to_generate(cli, gpt2_run, tmp_p
         c = client(url)
         assert [m.id for m in c.models.list().data] == [gpt2_run.name]
         alone = [c.completions.create(model=gpt2_run.name, prompt=p, max_tokens=12, temperature=0) for p in PROMPTS]
+        long_alone = c.completions.create(model=gpt2_run.name, prompt=PROMPTS[0], max_tokens=100, temperature=0)
+        seeded_alone = c.completions.create(model=gpt2_run.name, prompt="ROMEO:", max_tokens=8, temperature=1.0, seed=7, n=2)
 
         async def together():
             ac = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-            return await asyncio.gather(*(ac.completions.create(model=gpt2_run.name, prompt=p, max_tokens=12, temperature=0)
+            long = await ac.completions.create(model=gpt2_run.name, prompt=PROMPTS[0], max_tokens=100, temperature=0, stream=True)
+            first = await long.__anext__()  # the long row is generating: the others join its batch
+
+            async def rest():
+                return [first, *[chunk async for chunk in long]]
+
+            return await asyncio.gather(rest(), ac.completions.create(model=gpt2_run.name, prompt="ROMEO:", max_tokens=8,
+                                                                      temperature=1.0, seed=7, n=2),
+                                        *(ac.completions.create(model=gpt2_run.name, prompt=p, max_tokens=12, temperature=0)
                                           for p in PROMPTS))
 
-        batched = asyncio.run(together())
+        long, seeded, *batched = asyncio.run(together())
         assert [r.choices[0].text for r in batched] == [r.choices[0].text for r in alone]
         assert [r.usage.model_dump() for r in batched] == [r.usage.model_dump() for r in alone]
+        assert "".join(chunk.choices[0].text for chunk in long) == long_alone.choices[0].text
+        assert long_alone.usage.completion_tokens > 12  # it was still generating when the 64 ended
+        assert [ch.text for ch in seeded.choices] == [ch.text for ch in seeded_alone.choices] and len(seeded.choices) == 2
+        assert seeded.choices[0].text != seeded.choices[1].text  # each choice has its own generator
         sizes = metric(url, "llmcli_batch_size_bucket")
         assert sizes['llmcli_batch_size_bucket{le="16.0"}'] < sizes['llmcli_batch_size_bucket{le="64.0"}']  # a batch of > 16 rows ran
 
@@ -93,10 +109,7 @@ def test_completions_batched_streamed_and_equal_to_generate(cli, gpt2_run, tmp_p
 
         scored = c.completions.create(model=gpt2_run.name, prompt=PROMPTS[3], max_tokens=6, temperature=0, logprobs=2)
         echo = c.completions.create(model=gpt2_run.name, prompt=PROMPTS[3], max_tokens=6, temperature=0, echo=True)
-        seeded = [c.completions.create(model=gpt2_run.name, prompt="ROMEO:", max_tokens=8, temperature=1.0, seed=7, n=2)
-                  for _ in range(2)]
     assert echo.choices[0].text == PROMPTS[3] + scored.choices[0].text
-    assert [ch.text for ch in seeded[0].choices] == [ch.text for ch in seeded[1].choices] and len(seeded[0].choices) == 2
     assert proc.returncode is not None
 
     inputs = tmp_path / "prompts.txt"
@@ -253,3 +266,10 @@ def test_startup_errors_are_one_line_with_exit_codes(cli, gpt2_run, tmp_path):
         port = taken.getsockname()[1]
         busy = cli("serve", "--model", gpt2_run, "--port", port, expect=1)
     assert busy.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    # every interface: a warning without a key, none with one
+    with server(gpt2_run, "--host", "0.0.0.0") as (url, _, lines):
+        assert client(url).models.list().data[0].id == gpt2_run.name
+        assert sum("without an API key" in line for line in lines) == 1
+    with server(gpt2_run, "--host", "0.0.0.0", env={"LLMCLI_API_KEY": "k"}) as (url, _, lines):
+        assert client(url, key="k").models.list().data[0].id == gpt2_run.name
+        assert not any("without an API key" in line for line in lines)
