@@ -57,6 +57,7 @@ class DataSection(Section):
     rejected_column: str | None = Field(None, description="Preference data (task reward/dpo): the dispreferred response (default 'rejected').")
     block_size: int | None = Field(None, gt=0, description="Tokens per LM training example (default: min(1024, the model's context)).")
     max_seq_length: int = Field(128, gt=0, description="Truncation length for classification and prompt/completion examples.")
+    packing: bool = Field(False, description="Prompt/completion fine-tuning: pack rows into max_seq_length blocks, each row attending only to itself (a batch is then blocks, not rows).")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens masked for masked-LM training and evaluation.")
     keep_linebreaks: bool = Field(True, description="Keep newlines when reading .txt files (as run_clm.py).")
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization (None = 1).")

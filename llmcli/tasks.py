@@ -186,6 +186,25 @@ def collator(task: Task, fmt: DataFormat, tokenizer, mlm_probability: float):
     return transformers.default_data_collator
 
 
+def check_batching(cfg, fmt: DataFormat) -> None:
+    """How rows become batches. `data.packing` packs prompt/completion rows (`data/packing.py`) and
+    nothing else. Where rows are padded per batch (labelled and prompt/completion rows, not packed),
+    rows of similar length are batched together unless `training.train_sampling_strategy` is set
+    (`random` turns it off): Trainer's `group_by_length` sampler, a seeded shuffle, then rows sorted by
+    length inside mega-batches of up to 50 batches, which cuts the padding that random batches of
+    short and long rows carry. A stream has no lengths to group by. Set in the config, so the run's
+    config.yaml records it."""
+    if cfg.data.packing and fmt != DataFormat.PROMPT_COMPLETION:
+        raise ConfigError(f"data.packing=true packs prompt/completion rows for causal-LM fine-tuning; this run's data is {fmt.value}"
+                          + (" (text is already cut into full blocks)" if fmt == DataFormat.TEXT else ""))
+    if cfg.data.packing and cfg.data.streaming:
+        raise ConfigError("data.packing=true needs the whole training set to pack (set data.streaming=false)")
+    if fmt not in (DataFormat.LABELLED, DataFormat.PROMPT_COMPLETION) or cfg.data.packing or cfg.data.streaming:
+        return
+    if "train_sampling_strategy" not in (cfg.training.model_extra or {}):
+        cfg.training = cfg.training.model_copy(update={"train_sampling_strategy": "group_by_length"})
+
+
 def check_training_keys(training: dict[str, Any], args_cls: type | None = None) -> dict[str, Any]:
     """Check every `training:` key against the fields and declared types of `args_cls`
     (TrainingArguments, or a subclass such as TRL's DPOConfig).

@@ -314,7 +314,13 @@ def datasets_for(task, fmt, raw: RawData, tokenizer, block_size: int | None = No
         return ds, f"classification into {len(label_names)} labels ({shown}) on {len(ds['train']):,} examples"
     if fmt == DataFormat.PROMPT_COMPLETION:
         ds = instruction_datasets(raw, tokenizer)
-        return ds, f"prompt/completion fine-tuning on {len(ds['train']):,} pairs (loss on completions only)"
+        about = f"prompt/completion fine-tuning on {len(ds['train']):,} pairs (loss on completions only)"
+        if raw.data.packing:
+            from llmcli.data.packing import pack
+
+            ds["train"] = pack(ds["train"], raw.data.max_seq_length)
+            about += f", packed into {len(ds['train']):,} blocks of up to {raw.data.max_seq_length} tokens"
+        return ds, about
     ds = lm_datasets(raw, tokenizer, block_size, masked=task == Task.MASKED_LM)
     about = f"{task} on {'streamed' if raw.data.streaming else format(len(ds['train']), ',')} blocks of {block_size} tokens"
     if "validation" in ds:

@@ -11,6 +11,10 @@ the pad position unchanged. So a left-padded prompt gives the same states and lo
 alone, and the state after the last real token sits at the last position whatever the padding side.
 The GRU's hidden state is the generation cache (`GRUCache`): with it, each new token costs one step.
 
+Packed rows (`data.packing`): given `position_ids` that restart at 0 where a row starts, and no
+attention mask or cache (as Transformers detects packed rows for attention), the state is reset at
+each row start, so every row is computed as if it were alone.
+
 To write your own architecture, copy this file: a config with its own `model_type`, a
 `PreTrainedModel` base with `_init_weights`, the heads, and `AUTO_CLASSES` at the bottom.
 """
@@ -181,7 +185,8 @@ class GRUModel(GRUPreTrainedModel):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: GRUCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
-                past_key_values: GRUCache | None = None, **kwargs) -> BaseModelOutputWithPast:
+                past_key_values: GRUCache | None = None, position_ids: torch.LongTensor | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
         """`attention_mask` (batch, seq) or (batch, past + seq) marks real tokens (1) and padding (0);
         with a `cache` only the new tokens are passed and the GRU starts from the cached state.
         (`past_key_values` is the same cache under the name Transformers used before 5.24.)"""
@@ -199,6 +204,9 @@ class GRUModel(GRUPreTrainedModel):
         seq_len = x.shape[1]
         h0 = past_key_values.get_states() if past_key_values is not None else None
         mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        if position_ids is not None and attention_mask is None and past_key_values is None and bool((position_ids[:, 1:] == 0).any()):
+            out = self.dropout(self._packed_gru(x, position_ids))  # several rows per sequence: no state to cache
+            return BaseModelOutputWithPast(last_hidden_state=out, **{CACHE_FIELD: None})
         if mask is None or bool(mask.all()):
             out, h_n = self.gru(x, h0)
         else:
@@ -209,6 +217,21 @@ class GRUModel(GRUPreTrainedModel):
                 past_key_values = GRUCache(self.config.num_layers)
             past_key_values.update_states(h_n, seq_len)
         return BaseModelOutputWithPast(last_hidden_state=out, **{CACHE_FIELD: past_key_values if use_cache else None})
+
+    def _packed_gru(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Run each packed row from a zero state: a row starts where its position id is 0 and its tokens are
+        positions 0, 1, ... Rows are moved to a batch of their own (row r, position p), packed, and gathered back."""
+        if not bool((position_ids[:, 0] == 0).all()):
+            raise ValueError("packed position_ids must start each sequence with a row start (0)")
+        starts = position_ids == 0
+        counts = starts.sum(1)
+        row = starts.long().cumsum(1) - 1 + (counts.cumsum(0) - counts).unsqueeze(1)  # each token's row, over the batch
+        lengths = torch.bincount(row.flatten(), minlength=int(counts.sum()))
+        compact = x.new_zeros(len(lengths), int(lengths.max()), x.shape[-1])
+        compact = compact.index_put((row.flatten(), position_ids.flatten()), x.reshape(-1, x.shape[-1]))
+        packed = pack_padded_sequence(compact, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=compact.shape[1])
+        return out[row, position_ids]
 
     def _masked_gru(self, x: torch.Tensor, mask: torch.Tensor, h0: torch.Tensor | None):
         """Run the GRU over the real tokens only; a pad position outputs the state carried into it.
@@ -251,10 +274,11 @@ class GRUForCausalLM(GRUPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: GRUCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, past_key_values: GRUCache | None = None, **kwargs) -> CausalLMOutputWithPast:
-        """`labels` are the input ids (shifted inside, -100 ignored), as for GPT-2."""
+                logits_to_keep: int | torch.Tensor = 0, past_key_values: GRUCache | None = None,
+                position_ids: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """`labels` are the input ids (shifted inside, -100 ignored), as for GPT-2; `position_ids` mark packed rows."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, position_ids=position_ids,
                              output_hidden_states=kwargs.pop("output_hidden_states", None))
         hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)

@@ -50,6 +50,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
     task, fmt = tasks.resolve_task(cfg.task, "finetune", lambda: heads.default_lm_task(model_config.model_type), raw.columns,
                                    prompt_columns_set=bool(d.prompt_column or d.completion_column),
                                    label_column_set=bool(d.label_column))
+    tasks.check_batching(cfg, fmt)
     setup.check_config(cfg, task)
     lora.check_config(cfg, model_config.model_type)
     feedback = task in tasks.FEEDBACK_TASKS

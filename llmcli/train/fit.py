@@ -72,6 +72,10 @@ def prepare(cfg: Config, task: tasks.Task, fmt: tasks.DataFormat, raw, model_pat
     block_size = build.lm_block_size(model.config, tokenizer, cfg.data.block_size) if fmt == tasks.DataFormat.TEXT else None
     datasets, about = tokenized.datasets_for(task, fmt, raw, tokenizer, block_size, label_names)
     console.info(about)
+    if cfg.data.packing:
+        from llmcli.data.packing import PackedCollator
+
+        return tokenizer, model, datasets, PackedCollator(tokenizer)
     return tokenizer, model, datasets, tasks.collator(task, fmt, tokenizer, cfg.data.mlm_probability)
 
 

@@ -28,6 +28,7 @@ def run(cfg: Config, resume: bool = True, overwrite: bool = False, dry_run: bool
         load.check_weights(model_path, cfg.model.allow_pickle)  # before the run dir: a dir without weights writes nothing
     model_type = load.load_pretrained_config(model_path, cfg.model).model_type if model_path else cfg.model.model_type
     task, fmt = tasks.resolve_task(cfg.task, "pretrain", lambda: heads.default_lm_task(model_type))
+    tasks.check_batching(cfg, fmt)
     if model_path is None:
         build.scratch_config(cfg.model)  # a bad architecture override fails before anything is written
     source_fingerprint(cfg.data)  # resolves data files now, so a missing one fails before anything else
