@@ -42,6 +42,16 @@ class LlmcliTrainerMixin:
     nan_check = True
     _staging: Path | None = None
 
+    def _get_train_sampler(self, train_dataset=None):
+        """`group_by_length` over the global batch (per device x accumulation x processes): Trainer groups
+        per device, so N processes trained on other batches than one process with the same global batch."""
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler.batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return sampler
+
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N under <run>/.staging/ and rename it into place once complete, so a kill
         while saving leaves the previous checkpoint as the latest (Trainer writes in place)."""
