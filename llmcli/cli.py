@@ -18,14 +18,8 @@ import typer
 from llmcli import __version__, console
 from llmcli.errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, ConfigError, LlmcliError
 
-app = typer.Typer(
-    name="llmcli",
-    help="Train, fine-tune, generate with and evaluate GPT-2 and BERT style models: one command, one YAML file.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = typer.Typer(name="llmcli", help="Train, fine-tune, generate with and evaluate GPT-2 and BERT style models: one command, one YAML file.",
+                  no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set training.max_steps=20 (repeatable).")]
@@ -39,11 +33,11 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, 
 CheckpointOpt = Annotated[Optional[str], typer.Option("--checkpoint", help="With a run dir: 'latest' or a step number instead of the final model.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: bf16 on CUDA, else fp32).")]
+RuntimeOpt = Annotated[Optional[str], typer.Option("--runtime", help="Classifiers: auto (model.onnx from `llmcli export` when present), torch or onnx.")]
 
 
 class TextOrJsonl(str, Enum):
-    text = "text"
-    jsonl = "jsonl"
+    text, jsonl = "text", "jsonl"
 
 
 def _version(value: bool):
@@ -64,8 +58,7 @@ def _invoke(fn: Callable[[], object], quiet: bool, debug: bool, on_exit: Callabl
     # under accelerate/torchrun only the main process talks; errors still print on every rank
     from llmcli.dist import is_main_process, leave_process_group  # stdlib-only module: --help stays fast
 
-    console.configure(quiet=quiet or not is_main_process(), debug=debug)
-    _quiet_libraries(debug)
+    console.configure(quiet=quiet or not is_main_process(), debug=debug)  # and quiets the libraries' logs unless debug
     code = EXIT_FAILURE
     try:
         fn()
@@ -97,19 +90,6 @@ def _invoke(fn: Callable[[], object], quiet: bool, debug: bool, on_exit: Callabl
             on_exit(code)
     if code:
         raise typer.Exit(code)
-
-
-def _quiet_libraries(debug: bool) -> None:
-    if debug:
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not console.stderr_is_tty() or console.quiet():
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
 
 
 def _flag_values(flags: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +173,7 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Cut completions at this string (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Prompts per batch.")] = None,
-    device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, runtime: RuntimeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
 ):
     """Generate text from a trained model (or label text with a classifier); prompts from flags, files or stdin."""
 
@@ -205,7 +185,7 @@ def generate(
             "model.model_name_or_path": model, "generation.max_new_tokens": max_new_tokens, "generation.temperature": temperature,
             "generation.top_k": top_k, "generation.top_p": top_p, "generation.repetition_penalty": repetition_penalty,
             "generation.num_return_sequences": num_return_sequences, "generation.do_sample": do_sample,
-            "generation.seed": seed, "generation.batch_size": batch_size,
+            "generation.seed": seed, "generation.batch_size": batch_size, "model.runtime": runtime,
         }
         cfg = load_config(config, list(set_ or []), command="generate",
                           values=_flag_values({**flags, "generation.stop": list(stop) if stop else None}))
@@ -224,7 +204,7 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="The model id clients send (default: the model path's last part).")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option("--max-batch-size", help="Most rows in the running batch (default 64).")] = None,
     max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms", help="With nothing running, how long the first request waits for others to start with it (default 10).")] = None,
-    device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, runtime: RuntimeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
 ):
     """Serve a model over the OpenAI API (completions, chat, models) plus /v1/classify, /health and /metrics."""
 
@@ -233,7 +213,8 @@ def serve(
         from llmcli.serve import serve as serve_module
 
         flags = {"model.model_name_or_path": model, "serve.host": host, "serve.port": port, "serve.api_key": api_key,
-                 "serve.model_name": model_name, "serve.max_batch_size": max_batch_size, "serve.max_wait_ms": max_wait_ms}
+                 "serve.model_name": model_name, "serve.max_batch_size": max_batch_size, "serve.max_wait_ms": max_wait_ms,
+                 "model.runtime": runtime}
         cfg = load_config(config, list(set_ or []), command="serve", values=_flag_values(flags))
         serve_module.run(cfg, checkpoint=checkpoint, device=device, dtype=dtype)
 
@@ -259,7 +240,7 @@ def eval_(
     errors: Annotated[Optional[str], typer.Option("--errors", help="Classifiers: write misclassified examples here as JSONL.")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="metric=value: exit 3 if the metric is below (repeatable).")] = None,
     fail_over: Annotated[Optional[list[str]], typer.Option("--fail-over", help="metric=value: exit 3 if the metric is above (repeatable).")] = None,
-    device: DeviceOpt = None, dtype: DtypeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
+    device: DeviceOpt = None, dtype: DtypeOpt = None, runtime: RuntimeOpt = None, quiet: QuietOpt = False, debug: DebugOpt = False,
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", help="Processes to launch through accelerate (one per GPU); the work is split across them.")] = None,
 ):
     """Evaluate a model: perplexity and bits per byte for LMs, accuracy/precision/recall/F1 for classifiers."""
@@ -273,6 +254,7 @@ def eval_(
             "data.dataset_config_name": dataset_config, "eval.split": split, "eval.max_length": max_length, "eval.stride": stride,
             "data.text_column": text_column, "data.label_column": label_column, "eval.batch_size": batch_size,
             "eval.add_bos": add_bos, "eval.per_document": per_document, "launch.num_processes": num_processes,
+            "model.runtime": runtime,
         }
         sets = list(set_ or [])
         if data is not None:
@@ -288,6 +270,26 @@ def eval_(
         evaluate.run(cfg, checkpoint=checkpoint, as_json=json_, output_path=output, errors_path=errors, device=device, dtype=dtype)
 
     _invoke(body, quiet or json_, debug)
+
+
+@app.command()
+def export(
+    model: ModelOpt = None, config: ConfigOpt = None, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="onnx: a classifier's model.onnx beside its weights; hf: a LoRA run merged into a full model dir.")] = "onnx",
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="onnx: rows to check the export on (default: the run's validation data).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="hf: the model dir to write (default: RUN/merged).")] = None,
+    quiet: QuietOpt = False, debug: DebugOpt = False,
+):
+    """Export a classifier to ONNX (checked against the model before it is written), or merge a LoRA run into a full model."""
+
+    def body():
+        from llmcli.config import load_config
+        from llmcli.export import export as export_module
+
+        cfg = load_config(config, list(set_ or []), command="export", values=_flag_values({"model.model_name_or_path": model}))
+        export_module.run(cfg, fmt=format_, output=output, checkpoint=checkpoint, data_path=data)
+
+    _invoke(body, quiet, debug)
 
 
 @app.command()

@@ -38,6 +38,7 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless you trust the repo.")
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights when a checkpoint has no safetensors.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    runtime: Literal["auto", "torch", "onnx"] = Field("auto", description="Classifiers in generate/eval/serve: onnx = the model.onnx `llmcli export` wrote; auto = it when present and current, else torch.")
 
 
 class DataSection(Section):
@@ -169,6 +170,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "generate": ("model", "generation"),
     "eval": ("model", "data", "eval", "launch"),
     "serve": ("model", "generation", "serve"),
+    "export": ("model", "data"),
 }
 
 

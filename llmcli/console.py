@@ -14,6 +14,21 @@ _state = {"quiet": False, "debug": False, "summaries_to_stderr": False}
 
 def configure(quiet: bool = False, debug: bool = False) -> None:
     _state.update(quiet=quiet, debug=debug, summaries_to_stderr=False)
+    if not debug:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Transformers/datasets logs, progress bars and warnings off (set before they are imported)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not stderr_is_tty() or quiet():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
 
 
 def summaries_to_stderr() -> None:

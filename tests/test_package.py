@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-WINGS = ("data", "models", "generate", "evaluate", "feedback", "train", "sweep", "report", "serve")
+WINGS = ("data", "models", "generate", "evaluate", "export", "feedback", "train", "sweep", "report", "serve")
 
 
 def test_the_layers_hold():

@@ -68,7 +68,8 @@ def run(cfg: Config, checkpoint: str | None = None, as_json: bool = False, outpu
         result_metrics, protocol = eval_masked_lm(model, tokenizer, cfg)
     else:
         result_metrics, protocol = eval_causal_lm(model, tokenizer, cfg)
-    protocol.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."), processes=rank_and_world()[1])
+    protocol.update(device=str(model.device), dtype=str(model.dtype).removeprefix("torch."), processes=rank_and_world()[1],
+                    runtime=getattr(model, "runtime", "torch"))
 
     if not is_main_process():
         return {}  # the ranks hold the same reduced numbers; the main process reports them

@@ -226,12 +226,23 @@ def _adapter_model_config(local: Path, adapter: dict[str, Any], base: str, m: Mo
 def load_for_inference(path: str, m: ModelSection, device: str | None = None, dtype: str | None = None):
     """(model in eval mode on its device, tokenizer, kind) for a model dir, run dir or hub id.
 
-    A LoRA run dir loads its merged/ model when there is one, else base model + adapter.
+    A LoRA run dir loads its merged/ model when there is one, else base model + adapter. A classifier
+    with a model.onnx (`llmcli export`) runs on ONNX Runtime when `m.runtime` says so (`onnx.choose`:
+    `auto` takes it on a CPU in fp32 when it matches the weights).
     """
     path, adapter_only = _inference_dir(path)
     dev, torch_dtype = pick_device(device, dtype)
+    if m.runtime == "onnx" and adapter_only:
+        raise ConfigError(f"--runtime onnx: {path} is a LoRA adapter; `llmcli export --format hf` it, then export the full model")
+    if m.runtime != "torch" and not adapter_only and Path(path).is_dir() and (m.runtime == "onnx" or (dev.type == "cpu" and str(torch_dtype) == "torch.float32")):
+        from llmcli.models import onnx
+
+        config = load_pretrained_config(path, m)
+        if onnx.choose(path, heads.task_of_model(config), m.runtime):
+            console.info(f"labelling with ONNX Runtime: {Path(path) / onnx.ONNX_FILE}")
+            return onnx.OnnxClassifier(Path(path) / onnx.ONNX_FILE, config), load_tokenizer_for(path, m), heads.task_of_model(config)
     if adapter_only:
-        model, tokenizer, kind = _load_adapter(Path(path), m, torch_dtype)
+        model, tokenizer, kind = load_adapter(Path(path), m, torch_dtype)
     else:
         check_weights(path, m.allow_pickle)
         config = load_pretrained_config(path, m)
@@ -249,7 +260,7 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
     return model, tokenizer, kind
 
 
-def _load_adapter(local: Path, m: ModelSection, torch_dtype):
+def load_adapter(local: Path, m: ModelSection, torch_dtype=None):
     """Base model + LoRA adapter through peft, under the same rules as any model: the adapter's
     base is checked like `--model` (safetensors only unless allow_pickle, remote code only if trusted)."""
     try:
