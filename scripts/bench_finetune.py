@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -34,18 +36,12 @@ def sample(train_tsv: Path, n: int, seed: int, dest: Path) -> None:
 
 
 def run_llmcli(model: str, train: Path, dev: Path, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "llmcli", "finetune", "--config", str(HERE.parent / "configs" / "sst2-minilm-cpu.yaml"),
-           "--model", model, "--set", "data.dataset_name=null", "--set", f"data.train_file={train}", "--set", f"data.validation_file={dev}",
-           "--set", "data.max_train_samples=null", "--set", "training.include_num_input_tokens_seen=all", *extra,
-           "-o", str(out), "--overwrite", "--quiet"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    wall = time.perf_counter() - start
-    s = json.loads((out / "summary.json").read_text())
-    seen = [r["num_input_tokens_seen"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "num_input_tokens_seen" in r]
+    r = benchlib.finetune(["--config", str(HERE.parent / "configs" / "sst2-minilm-cpu.yaml"), "--model", model,
+                           "--set", "data.dataset_name=null", "--set", f"data.train_file={train}", "--set", f"data.validation_file={dev}",
+                           "--set", "data.max_train_samples=null", "--set", "training.include_num_input_tokens_seen=all", *extra], out)
+    s = r["summary"]
     return {"accuracy": s["eval_accuracy"], "f1": s["eval_f1"], "train_runtime_s": s["train_runtime_s"],
-            "examples_per_s": s["train_samples_per_second"], "wall_s": wall, "tokens_seen": seen[-1], "steps": s["global_step"]}
+            "examples_per_s": s["train_samples_per_second"], "wall_s": r["wall_s"], "tokens_seen": r["tokens_fed"], "steps": s["global_step"]}
 
 
 PLAIN = r'''

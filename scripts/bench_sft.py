@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+import benchlib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -57,16 +56,10 @@ def run(model: Path, train: Path, test: Path, out: Path, *extra: str) -> dict:
     sets = [f"data.train_file={train}", f"data.validation_file={test}", f"data.max_seq_length={MAX_LEN}",
             f"training.num_train_epochs={EPOCHS}", "training.learning_rate=1e-3", "training.seed=0", "training.logging_steps=10",
             "training.eval_strategy=no", "training.save_strategy=no", "training.include_num_input_tokens_seen=all", *extra]
-    cmd = [sys.executable, "-m", "llmcli", "finetune", "--model", str(model), *[a for s in sets for a in ("--set", s)],
-           "-o", str(out), "--overwrite", "--quiet"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    wall = time.perf_counter() - start
-    s = json.loads((out / "summary.json").read_text())
-    seen = [r["num_input_tokens_seen"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "num_input_tokens_seen" in r]
-    return {"eval_loss": s["eval_loss"], "train_runtime_s": s["train_runtime_s"], "steps": s["global_step"], "tokens_fed": seen[-1],
-            "wall_s": wall}
+    r = benchlib.finetune(["--model", str(model), *[a for s in sets for a in ("--set", s)]], out)
+    s = r["summary"]
+    return {"eval_loss": s["eval_loss"], "train_runtime_s": s["train_runtime_s"], "steps": s["global_step"], "tokens_fed": r["tokens_fed"],
+            "wall_s": r["wall_s"]}
 
 
 def main() -> None:

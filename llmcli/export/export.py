@@ -47,11 +47,11 @@ def run(cfg: Config, fmt: str = "onnx", output: str | None = None, checkpoint: s
 def _onnx(cfg: Config, path: Path, data_path: str | None) -> dict[str, Any]:
     import torch
 
+    if not (path / "model.safetensors").exists():
+        raise ConfigError(f"{path} holds no model.safetensors (a LoRA run: export --format hf first, or use its merged/)")
     model, tokenizer, kind = load.load_for_inference(str(path), cfg.model.model_copy(update={"runtime": "torch"}), "cpu", None)
     if kind != Task.CLASSIFICATION:
         raise ConfigError(f"{path} is a {kind} model; --format onnx exports sequence classifiers (ONNX Runtime serves them)")
-    if not (path / "model.safetensors").exists():
-        raise ConfigError(f"{path} holds no model.safetensors (a LoRA run: export --format hf first, or use its merged/)")
     onnx.need_onnxruntime()
     texts, source = _check_rows(cfg, path, data_path)
     target, temporary = path / onnx.ONNX_FILE, path / f".{onnx.ONNX_FILE}.tmp"
@@ -90,9 +90,9 @@ def _check_rows(cfg: Config, path: Path, data_path: str | None) -> tuple[list[st
         data = data.model_copy(update={"validation_file": data_path, "train_file": None, "dataset_name": None})
     else:
         run_config = next((p / "config.yaml" for p in (path, path.parent) if (p / "config.yaml").exists()), None)
-        if run_config is None or not (load_config(run_config).data.validation_file):
+        data = load_config(run_config).data if run_config else None
+        if data is None or not data.validation_file:
             raise ConfigError(f"no rows to check the export on: {path} has no run config with data.validation_file; pass --data FILE")
-        data = load_config(run_config).data
     ds = tokenized.load_eval_split(data, "validation")
     text_col, pair_col, _ = tokenized.classification_columns(ds, data)
     if pair_col:
