@@ -208,6 +208,24 @@ def test_classify_equals_generate_labels(cli, classifier_run, tmp_path):
     assert r.json()["usage"]["prompt_tokens"] == sum(o["prompt_tokens"] for o in offline)
 
 
+def test_classify_on_onnx_runtime_equals_torch(cli, classifier_run, tmp_path):
+    """A classifier exported by `llmcli export`, served with --runtime onnx: the same labels and probabilities as served by torch."""
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    run = shutil.copytree(classifier_run, tmp_path / "clf")
+    cli("export", "--model", run)
+    texts = [json.loads(line)["text"] for line in (FIXTURES / "sentiment_dev.jsonl").read_text().splitlines()]
+    results = {}
+    for runtime in ("torch", "onnx"):
+        with server(run, "--runtime", runtime) as (url, _, lines):
+            results[runtime] = httpx.post(f"{url}/v1/classify", json={"model": run.name, "input": texts}).json()["data"]
+            assert any("ONNX Runtime" in line for line in lines) == (runtime == "onnx")
+    assert [d["label"] for d in results["onnx"]] == [d["label"] for d in results["torch"]] and len(results["onnx"]) == 40
+    for a, b in zip(results["torch"], results["onnx"]):
+        assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)
+
+
 def test_a_client_that_leaves_frees_its_rows_and_sigterm_finishes_requests_in_flight(cli, tmp_path):
     """On the GRU (no context limit, so long completions): a stream closed after two chunks stops its row (the engine
     generated far fewer than its max_tokens); SIGTERM with three streams in flight lets them finish, then exit 0."""
