@@ -132,6 +132,10 @@ CLASSIFIER = [
     "training.max_steps=60", "training.learning_rate=2e-3", "training.per_device_train_batch_size=16",
     "training.logging_steps=20", "training.eval_strategy=steps", "training.eval_steps=30", "training.save_steps=30",
     "training.seed=0", "data.max_seq_length=32", "training.curves=false",
+    # random batches, as when the tests' hand-written sentences were labelled: grouped by length, this tiny model
+    # ends up near 0.5 on "a superb cast", and float noise from an earlier test in the same process (a GRU's first
+    # forward) flipped it. Grouping has its own tests (tests/train/test_length_grouping.py).
+    "training.train_sampling_strategy=random",
 ]
 
 
