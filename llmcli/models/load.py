@@ -238,9 +238,10 @@ def load_for_inference(path: str, m: ModelSection, device: str | None = None, dt
         from llmcli.models import onnx
 
         config = load_pretrained_config(path, m)
-        if onnx.choose(path, heads.task_of_model(config), m.runtime):
+        kind = heads.task_of_model(config)
+        if onnx.choose(path, kind, m.runtime):
             console.info(f"labelling with ONNX Runtime: {Path(path) / onnx.ONNX_FILE}")
-            return onnx.OnnxClassifier(Path(path) / onnx.ONNX_FILE, config), load_tokenizer_for(path, m), heads.task_of_model(config)
+            return onnx.OnnxClassifier(Path(path) / onnx.ONNX_FILE, config), load_tokenizer_for(path, m), kind
     if adapter_only:
         model, tokenizer, kind = load_adapter(Path(path), m, torch_dtype)
     else:

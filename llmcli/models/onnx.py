@@ -20,7 +20,6 @@ from llmcli import console
 from llmcli.errors import ConfigError
 
 ONNX_FILE, RECORD_FILE = "model.onnx", "model.onnx.json"
-RUNTIMES = ("auto", "torch", "onnx")
 
 
 def weights_fingerprint(model_dir: Path) -> dict[str, object]:
@@ -34,11 +33,10 @@ def weights_fingerprint(model_dir: Path) -> dict[str, object]:
 
 
 def choose(model_dir: str, kind, runtime: str) -> bool:
-    """Whether to label with model_dir's model.onnx: `onnx` demands it, `auto` takes a current one."""
+    """Whether to label with model_dir's model.onnx: `onnx` demands it, `auto` takes a current one
+    (`runtime` is `model.runtime`, which the schema limits to auto, torch and onnx)."""
     from llmcli.tasks import Task
 
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
     if runtime == "torch":
         return False
     path = Path(model_dir) / ONNX_FILE
