@@ -175,7 +175,7 @@ def policy_eval(model, tokenizer, rows: list[dict], rewards: list[Reward], g: Ge
                 chunk = rows[b : b + batch]
                 ids = [_prompt_ids(tokenizer, r["prompt"]) for r in chunk]
                 input_ids, mask = pad_batch(tokenizer, ids, model.device, left=True)
-                kwargs = generate_kwargs(tokenizer, g, num_return_sequences=samples)
+                kwargs = generate_kwargs(tokenizer, g, mask, num_return_sequences=samples)
                 kwargs["min_new_tokens"] = g.min_new_tokens
                 out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
                 new = out[:, input_ids.shape[1] :]

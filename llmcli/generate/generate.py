@@ -182,7 +182,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSecti
     import torch
 
     input_ids, mask = pad_batch(tokenizer, batch, model.device, left=True)
-    kwargs = generate_kwargs(tokenizer, g, num_return_sequences=g.num_return_sequences)
+    kwargs = generate_kwargs(tokenizer, g, mask, num_return_sequences=g.num_return_sequences)
     with torch.inference_mode():
         output = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
     new_tokens = output[:, input_ids.shape[1] :].tolist()
@@ -200,7 +200,8 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], g: GenerationSecti
     return results
 
 
-def generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]:
+def generate_kwargs(tokenizer, g: GenerationSection, mask, **extra) -> dict[str, Any]:
+    """`model.generate` arguments for a batch left-padded by `pad_batch` (`mask`: its attention mask)."""
     kwargs: dict[str, Any] = dict(max_new_tokens=g.max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True, **extra)
     if _sampling(g):
         kwargs.update(do_sample=True, temperature=g.temperature or 1.0, top_k=g.top_k or 0, top_p=g.top_p or 1.0,
@@ -208,10 +209,28 @@ def generate_kwargs(tokenizer, g: GenerationSection, **extra) -> dict[str, Any]:
     else:
         kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None, min_p=None)
     if g.repetition_penalty:
-        kwargs["repetition_penalty"] = g.repetition_penalty
+        kwargs["logits_processor"] = [OwnTokensRepetitionPenalty(g.repetition_penalty, mask, extra.get("num_return_sequences", 1))]
     if g.stop:
         kwargs.update(stop_strings=g.stop, tokenizer=tokenizer)
     return kwargs
+
+
+class OwnTokensRepetitionPenalty:
+    """Transformers' `RepetitionPenaltyLogitsProcessor` over each row's own tokens. Transformers' own
+    counts a left-padded row's pads too, and GPT-2's pad is its EOS: a row's text would then depend on
+    the batch it ran in. `mask` is the prompts' attention mask; each row repeats `copies` times."""
+
+    def __init__(self, penalty: float, mask, copies: int = 1):
+        self.penalty = penalty
+        self.pads = (mask == 0).sum(dim=1).repeat_interleave(copies)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        own = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= self.pads[:, None]
+        seen = torch.zeros_like(scores).scatter_reduce_(1, input_ids, own.to(scores.dtype), reduce="amax")
+        penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen > 0, penalized, scores)
 
 
 def eos_ids(model, tokenizer) -> set[int]:
@@ -314,7 +333,7 @@ def _stream_one(model, tokenizer, ids: list[int], g: GenerationSection) -> None:
     if len(ids) > limit:
         console.warn(f"1 prompt(s) longer than {limit} tokens were cut from the left")
     input_ids, mask = pad_batch(tokenizer, [ids[-limit:]], model.device, left=True)
-    kwargs = generate_kwargs(tokenizer, g, streamer=StopAwareStreamer())
+    kwargs = generate_kwargs(tokenizer, g, mask, streamer=StopAwareStreamer())
     with torch.inference_mode():
         model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
     sys.stdout.write("\n")

@@ -150,6 +150,7 @@ def test_conversations_are_scored_in_the_models_chat_template():
 
 def test_before_and_after_samples_use_grpos_sampling(tmp_path):
     """One source: what GRPO samples with (its GRPOConfig) is what policy_eval passes to generate."""
+    import torch
     from trl import GRPOConfig
 
     from llmcli.config import load_config
@@ -167,8 +168,8 @@ def test_before_and_after_samples_use_grpos_sampling(tmp_path):
         check_config(cfg, Task.RL)
         args = {**cfg.training_arguments(), "output_dir": str(tmp_path), "bf16": False, "use_cpu": True}
         grpo = GRPOConfig(**args)
-        sampled = generate_kwargs(Tok(), cfg.generation)
+        sampled = generate_kwargs(Tok(), cfg.generation, torch.ones(1, 3))
         assert (grpo.temperature, grpo.top_k, grpo.top_p, grpo.min_p, grpo.repetition_penalty) == (
-            sampled["temperature"], sampled["top_k"], sampled["top_p"], sampled["min_p"], sampled["repetition_penalty"])
+            sampled["temperature"], sampled["top_k"], sampled["top_p"], sampled["min_p"], sampled["logits_processor"][0].penalty)
         assert grpo.max_completion_length == sampled["max_new_tokens"] == (12 if "generation" in extra[0] else 9)
         assert grpo.generation_kwargs == {"min_new_tokens": cfg.generation.min_new_tokens}

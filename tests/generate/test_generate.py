@@ -36,6 +36,33 @@ def test_greedy_is_independent_of_batch_size_and_order_is_kept(cli, gpt2_run, tm
         assert r["completion_tokens"] <= 8 and r["finish_reason"] in ("length", "stop") and r["prompt_tokens"] > 0
 
 
+def test_repetition_penalty_counts_each_rows_own_tokens(cli, gpt2_run, tmp_path):
+    """A left-padded row's pads (GPT-2's EOS) are not penalized: with a penalty, a row's text does not depend on the
+    batch it ran in, and the penalty is Transformers' own over the row alone."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from llmcli.generate.generate import OwnTokensRepetitionPenalty, pad_batch
+
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    args = ("--input", src, "--temperature", "0", "--repetition-penalty", "1000", "--format", "jsonl")
+    assert gen(cli, gpt2_run, *args, "--batch-size", "1").stdout == gen(cli, gpt2_run, *args, "--batch-size", "8").stdout
+
+    eos = 7  # the pad token, and one of the tokens of the rows
+    rows = [[5, 7, 9], [3], [7, 7, 1, 2, 4]]
+    ids, mask = pad_batch(type("Tok", (), {"pad_token_id": eos}), rows, "cpu", left=True)
+    scores = torch.randn(len(rows) * 2, 12, generator=torch.Generator().manual_seed(0))
+    scores[:, eos] = 3.0  # the pad token is the best next token of every row
+    ids = ids.repeat_interleave(2, 0)  # two sequences per prompt, as generate(num_return_sequences=2)
+    got = OwnTokensRepetitionPenalty(1.5, mask, copies=2)(ids, scores.clone())
+    hf = RepetitionPenaltyLogitsProcessor(1.5)
+    for i, row in enumerate(rows):
+        for k in (2 * i, 2 * i + 1):
+            assert torch.equal(got[k], hf(torch.tensor([row]), scores[k : k + 1].clone())[0])
+    assert got[2, eos] == 3.0 and hf(ids, scores.clone())[2, eos] == 2.0  # Transformers' own would penalize row 1's pads
+
+
 def test_jsonl_passthrough_and_output_file(cli, gpt2_run, tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text("\n".join(json.dumps({"id": i, "prompt": p, "meta": {"k": [i]}}) for i, p in enumerate(PROMPTS)) + "\n\n")
@@ -133,10 +160,9 @@ def test_long_prompt_is_cut_from_the_left_with_one_warning(cli, gpt2_run, tmp_pa
     assert len(ids) > 2 * limit and tok(last)["input_ids"] == ids[-limit:] and tok(first)["input_ids"] == ids[:limit]
     src = tmp_path / "p.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (long, long, "ROMEO:", last, first)))
-    # A strong repetition penalty bars every token of the (kept) prompt, so the output tells which tokens were kept;
-    # -b 1: no padding tokens, which the penalty would count too.
+    # A strong repetition penalty bars every token of the (kept) prompt, so the output tells which tokens were kept
     result = gen(cli, gpt2_run, "--input", src, "--input-format", "jsonl", "--format", "jsonl", "--temperature", "0",
-                 "--repetition-penalty", "1000", "-b", "1")
+                 "--repetition-penalty", "1000")
     assert result.stderr.count("warning") == 1 and "2 prompt(s) longer than 120 tokens" in result.stderr
     records = [json.loads(x) for x in result.stdout.splitlines()]
     assert [r["prompt_tokens"] for r in records] == [120, 120, len(tok("ROMEO:")["input_ids"]), 120, 120]
