@@ -10,8 +10,10 @@ data/instruct/test.jsonl (43 rows, never packed), max_seq_length 512, lr 1e-3, s
 
 Throughput counts real tokens (each row's prompt + completion + EOS, as llmcli tokenizes them) per second of
 training; padding is Trainer's count of every token fed (`include_num_input_tokens_seen: all`) less those.
+With `--repeats N` the three runs are repeated N times, each round in a rotated order (so no side always runs
+first or last on a machine whose speed drifts), and the table shows each side's median and each round's ratio.
 
-    python scripts/bench_sft.py --gpt2-tokenizer ../shared/data/gpt2_bpe
+    python scripts/bench_sft.py --gpt2-tokenizer ../shared/data/gpt2_bpe --repeats 3
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
 import benchlib
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "data" / "instruct"))
     ap.add_argument("--work", default="bench-out/sft")
     ap.add_argument("--out", default="bench-out/sft.json")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the three runs, each round in a rotated order")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -79,21 +83,32 @@ def main() -> None:
         "unpacked, grouped by length": ("training.per_device_train_batch_size=8",),
         "packed": ("training.per_device_train_batch_size=2", "data.packing=true"),
     }
+    names = list(sides)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rnd in range(args.repeats):
+        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            r = run(model, train, test, work / name.replace(", ", "-").replace(" ", "-"), *sides[name])
+            r["real_tokens_per_s"] = real / r["train_runtime_s"]
+            r["padding_per_step"] = (r["tokens_fed"] - real) / r["steps"]
+            runs[name].append(r)
+            print(f"round {rnd + 1}: {name}: {r['real_tokens_per_s']:.0f} real tokens/s, eval loss {r['eval_loss']:.4f}", flush=True)
+    base = runs[names[0]]
     results = {}
-    for name, extra in sides.items():
-        r = run(model, train, test, work / name.replace(", ", "-").replace(" ", "-"), *extra)
-        r["real_tokens_per_s"] = real / r["train_runtime_s"]
-        r["padding_per_step"] = (r["tokens_fed"] - real) / r["steps"]
-        results[name] = r
-    base = results["unpacked, random batches"]["real_tokens_per_s"]
-    print(f"{'':30} {'eval loss':>9} {'steps':>6} {'real tok/s':>10} {'x random':>8} {'pads/step':>10} {'train s':>8}")
+    for name in names:
+        rounds = [r["real_tokens_per_s"] / b["real_tokens_per_s"] for r, b in zip(runs[name], base)]
+        results[name] = {**runs[name][0], "real_tokens_per_s": statistics.median(r["real_tokens_per_s"] for r in runs[name]),
+                         "train_runtime_s": statistics.median(r["train_runtime_s"] for r in runs[name]),
+                         "eval_loss_rounds": [r["eval_loss"] for r in runs[name]],
+                         "real_tokens_per_s_rounds": [r["real_tokens_per_s"] for r in runs[name]],
+                         "speedup_over_random": statistics.median(rounds), "speedup_rounds": rounds}
+    print(f"{'':30} {'eval loss':>9} {'steps':>6} {'real tok/s':>10} {'x random':>8} {'rounds':>18} {'pads/step':>10}")
     for name, r in results.items():
-        r["speedup_over_random"] = r["real_tokens_per_s"] / base
         print(f"{name:30} {r['eval_loss']:9.4f} {r['steps']:6d} {r['real_tokens_per_s']:10.0f} {r['speedup_over_random']:8.2f} "
-              f"{r['padding_per_step']:10.1f} {r['train_runtime_s']:8.1f}")
+              f"{'/'.join(f'{x:.2f}' for x in r['speedup_rounds']):>18} {r['padding_per_step']:10.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "packed vs unpacked prompt/completion fine-tuning", "machine": f"{os.cpu_count()} CPU cores",
-                                          "real_tokens": real, "epochs": EPOCHS, "max_seq_length": MAX_LEN, "results": results}, indent=2) + "\n")
+                                          "real_tokens": real, "epochs": EPOCHS, "max_seq_length": MAX_LEN, "repeats": args.repeats,
+                                          "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

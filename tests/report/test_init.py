@@ -169,14 +169,15 @@ def test_init_lists_every_task(cli):
         line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
 
 
-def test_shell_completion(tmp_path):
+def test_shell_completion(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from llmcli.cli import app
 
     runner = CliRunner()
+    # the shell named, not found among this process's parents (there is none when the suite runs as a background job)
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="llmcli")
-    # failed once in a loaded suite with exit 1 (not reproduced alone): say why if it happens again
     assert script.exit_code == 0 and "complete -o default -F _llmcli_completion llmcli" in script.stdout, \
         (script.stdout[-300:], script.stderr[-300:], repr(script.exception))
     env = {"_LLMCLI_COMPLETE": "complete_bash", "COMP_WORDS": "llmcli rep", "COMP_CWORD": "1"}

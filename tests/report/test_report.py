@@ -311,6 +311,15 @@ def test_report_never_imports_torch(runs, tmp_path):
 
 
 def test_report_watch_until_done_and_ctrl_c(runs, tmp_path):
+    # a child inherits an ignored SIGINT (this suite started as a background job: `pytest &`), but not a handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _watch_until_done_and_ctrl_c(runs, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _watch_until_done_and_ctrl_c(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["finished"], run, ignore=shutil.ignore_patterns("checkpoint-*", "*.safetensors"))
     (run / "summary.json").unlink()
