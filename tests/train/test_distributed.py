@@ -38,32 +38,6 @@ def _launch(*args, timeout=300, env=None):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_processes_match_one_process(cli, tmp_path):
-    """`accelerate launch -m llmcli` (2 gloo ranks, per-device batch 4) computes what one process
-    with batch 8 does: the same loss at every step and the same eval loss, at float noise (SGD). The
-    eval batches divide the 44 validation blocks evenly (2 x 11, 1 x 22): otherwise accelerate pads the
-    last batch with repeated blocks and Trainer's eval_loss drifts (1.9e-4 relative with 2 x 16; README).
-    The `--num-processes` relaunch is exercised by the SIGTERM test below."""
-    one = tmp_path / "one"
-    cli("pretrain", *sets(*DETERMINISTIC, *SGD, "training.per_device_train_batch_size=8", "training.per_device_eval_batch_size=22"), "-o", one)
-    two = tmp_path / "two"
-    proc = _launch("pretrain", *sets(*DETERMINISTIC, *SGD, "training.per_device_train_batch_size=4", "training.per_device_eval_batch_size=11"),
-                   "-o", two, env={**os.environ, "LLMCLI_CACHE": str(tmp_path / "cache")})
-    assert proc.returncode == 0, proc.stderr
-    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
-    assert s2["global_step"] == s1["global_step"] == 8
-    assert s2["train_tokens"] == s1["train_tokens"] == 8 * 8 * 32  # global batch = 2 x per-device 4
-    losses = [[e["loss"] for e in read_jsonl(d / "metrics.jsonl") if "loss" in e] for d in (one, two)]
-    assert len(losses[0]) == 8 and losses[1] == pytest.approx(losses[0], rel=1e-5)
-    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-5)
-    assert layout(one) == layout(two) and not (two / ".llmcli.lock").exists()
-    # each rank's RNG state made it into the renamed checkpoint (a resumed rank 1 gets its own back)
-    assert {p.name for p in (two / "checkpoint-8").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    assert proc.stderr.count("built gpt2 from scratch") == 1  # only the main process talks
-    entries = os.listdir(tmp_path / "cache" / "tokenized")
-    assert len(entries) == 1 and not any(e.startswith(".") for e in entries)  # tokenized once, no leftovers
-
-
 def test_streaming_trains_without_caching_the_corpus(cli, gpt2_run, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "stream"
@@ -101,19 +75,25 @@ def test_classifier_eval_under_two_processes_matches_one(cli, classifier_run):
     assert two == one  # counts: the confusion matrix, per-class support, and what follows from them
 
 
-def test_sigterm_to_a_two_process_run_checkpoints_and_exits_143(cli, tmp_path):
-    """SIGTERM to `llmcli --num-processes 2` reaches both workers, which stop at the same step,
-    save one checkpoint and exit 143; the parent exits 143 too (not the launcher's 1), and the
-    same command resumes."""
+def test_sigterm_to_two_processes_then_resumed_they_match_one_process(cli, tmp_path):
+    """`llmcli --num-processes 2` (2 gloo ranks, per-device batch 4): SIGTERM to the parent reaches both workers,
+    which stop at the same step, save one checkpoint and exit 143; the parent exits 143 too (not the launcher's 1).
+    `accelerate launch -m llmcli` with the same arguments resumes it, and the run computes what one uninterrupted
+    process with batch 8 does: the same loss at every step and the same eval loss, at float noise (SGD). The eval
+    batches divide the 44 validation blocks evenly (2 x 11, 1 x 22): otherwise accelerate pads the last batch with
+    repeated blocks and Trainer's eval_loss drifts (1.9e-4 relative with 2 x 16; README)."""
     import signal
     import time
     from hooks import CALLBACK, hook_env
 
-    out, marker = tmp_path / "run", tmp_path / "paused"
+    one = tmp_path / "one"
+    cli("pretrain", *sets(*DETERMINISTIC, *SGD, "training.per_device_train_batch_size=8", "training.per_device_eval_batch_size=22"), "-o", one)
+    two, marker = tmp_path / "two", tmp_path / "paused"
     env = {**hook_env(marker, PAUSE_AT_STEP=3), "LLMCLI_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "llmcli", "pretrain", *sets(*DETERMINISTIC, "training.per_device_train_batch_size=4", CALLBACK),
-               "-o", str(out), "--num-processes", "2"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["pretrain", *sets(*DETERMINISTIC, *SGD, "training.per_device_train_batch_size=4", "training.per_device_eval_batch_size=11", CALLBACK),
+            "-o", str(two)]
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", *args, "--num-processes", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
@@ -122,13 +102,23 @@ def test_sigterm_to_a_two_process_run_checkpoints_and_exits_143(cli, tmp_path):
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err
     assert "launching 2 processes" in err and "stopped by SIGTERM at step 3" in err and "Traceback" not in err and "ChildFailedError" not in err
-    assert (out / "checkpoint-3" / "trainer_state.json").exists()
-    assert {p.name for p in (out / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert (two / "checkpoint-3" / "trainer_state.json").exists()
+    # each rank's RNG state made it into the checkpoint (the resumed rank 1 gets its own back)
+    assert {p.name for p in (two / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert err.count("built gpt2 from scratch") == 1  # only the main process talks
     env.pop("HOOK_PAUSE_AT_STEP")
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    rerun = _launch(*args, env=env)
     assert rerun.returncode == 0, rerun.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from"] == 3 and summary["global_step"] == 8
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["resumed_from"] == 3 and s2["global_step"] == s1["global_step"] == 8
+    assert s2["train_tokens"] == s1["train_tokens"] == 8 * 8 * 32  # global batch = 2 x per-device 4
+    losses = [[e["loss"] for e in read_jsonl(d / "metrics.jsonl") if "loss" in e] for d in (one, two)]
+    assert len(losses[0]) == 8 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-5)
+    assert layout(two) == sorted(["checkpoint-3", *layout(one)]) and not (two / ".llmcli.lock").exists()  # and the signal's checkpoint
+    assert {p.name for p in (two / "checkpoint-8").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    entries = os.listdir(tmp_path / "cache" / "tokenized")
+    assert len(entries) == 1 and not any(e.startswith(".") for e in entries)  # tokenized once, no leftovers
 
 
 def _stop_flag_worker(rank, store_path, results):
