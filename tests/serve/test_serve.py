@@ -107,6 +107,8 @@ def test_completions_batched_streamed_and_equal_to_generate(cli, gpt2_run, tmp_p
         assert [s.choices[0].finish_reason for s in stream if s.choices][-1] == alone[5].choices[0].finish_reason
         assert stream[-1].choices == [] and stream[-1].usage.model_dump() == alone[5].usage.model_dump()
 
+        with pytest.raises(openai.BadRequestError, match="has no chat template.*/v1/completions serves it"):  # a base model
+            c.chat.completions.create(model=gpt2_run.name, messages=[{"role": "user", "content": "hi"}])
         scored = c.completions.create(model=gpt2_run.name, prompt=PROMPTS[3], max_tokens=6, temperature=0, logprobs=2)
         echo = c.completions.create(model=gpt2_run.name, prompt=PROMPTS[3], max_tokens=6, temperature=0, echo=True)
     assert echo.choices[0].text == PROMPTS[3] + scored.choices[0].text
@@ -142,7 +144,7 @@ def test_chat_auth_limits_and_bad_requests_are_openai_errors(gpt2_run):
     """With an API key every request needs it (401); chat works with a configured template and is the completion
     of the rendered prompt; each bad request is a 4xx OpenAI error object and the server keeps serving."""
     key = "s3cret"
-    with server(gpt2_run, *sets(f"serve.chat_template={TEMPLATE}", "serve.max_request_bytes=2000", "serve.max_tokens=50"),
+    with server(gpt2_run, "--host", "0.0.0.0", *sets(f"serve.chat_template={TEMPLATE}", "serve.max_request_bytes=2000", "serve.max_tokens=50"),
                 env={"LLMCLI_API_KEY": key}) as (url, proc, lines):
         with pytest.raises(openai.AuthenticationError):
             client(url, "wrong").models.list()
@@ -183,33 +185,12 @@ def test_chat_auth_limits_and_bad_requests_are_openai_errors(gpt2_run):
         assert c.completions.create(model=gpt2_run.name, prompt="ROMEO:", max_tokens=2).usage.completion_tokens == 2
         assert httpx.get(f"{url}/health", headers=auth).json()["status"] == "ok"
         assert proc.poll() is None
-
-    with server(gpt2_run) as (url, proc, lines):  # no template: chat is refused and says where to go
-        with pytest.raises(openai.BadRequestError, match="has no chat template.*/v1/completions serves it"):
-            client(url).chat.completions.create(model=gpt2_run.name, messages=[{"role": "user", "content": "hi"}])
+        assert not any("without an API key" in line for line in lines)  # every interface, with a key: no warning
 
 
-def test_classify_equals_generate_labels(cli, classifier_run, tmp_path):
-    texts = [json.loads(line)["text"] for line in (FIXTURES / "sentiment_dev.jsonl").read_text().splitlines()[:12]]
-    with server(classifier_run) as (url, proc, _):
-        r = httpx.post(f"{url}/v1/classify", json={"model": classifier_run.name, "input": texts})
-        single = httpx.post(f"{url}/v1/classify", json={"model": classifier_run.name, "input": texts[0]}).json()
-        with pytest.raises(openai.BadRequestError, match="use /v1/classify"):
-            client(url).completions.create(model=classifier_run.name, prompt="hi")
-    assert r.status_code == 200
-    data = r.json()["data"]
-    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    offline = read_jsonl_text(cli("generate", "--model", classifier_run, "--input", tmp_path / "texts.txt", "--format", "jsonl").stdout)
-    assert [d["index"] for d in data] == list(range(len(texts)))
-    assert [d["label"] for d in data] == [o["label"] for o in offline]
-    for d, o in zip(data, offline):
-        assert d["score"] == pytest.approx(o["score"], rel=1e-5) and d["scores"] == pytest.approx(o["scores"], rel=1e-5)
-    assert single["data"][0]["label"] == data[0]["label"]
-    assert r.json()["usage"]["prompt_tokens"] == sum(o["prompt_tokens"] for o in offline)
-
-
-def test_classify_on_onnx_runtime_equals_torch(cli, classifier_run, tmp_path):
-    """A classifier exported by `llmcli export`, served with --runtime onnx: the same labels and probabilities as served by torch."""
+def test_classify_equals_generate_labels_on_torch_and_onnx_runtime(cli, classifier_run, tmp_path):
+    """/v1/classify gives `llmcli generate`'s labels and probabilities; a copy exported by `llmcli export` and served
+    with --runtime onnx gives the same labels and probabilities as served by torch."""
     import shutil
 
     pytest.importorskip("onnxruntime")
@@ -219,10 +200,24 @@ def test_classify_on_onnx_runtime_equals_torch(cli, classifier_run, tmp_path):
     results = {}
     for runtime in ("torch", "onnx"):
         with server(run, "--runtime", runtime) as (url, _, lines):
-            results[runtime] = httpx.post(f"{url}/v1/classify", json={"model": run.name, "input": texts}).json()["data"]
-            assert any("ONNX Runtime" in line for line in lines) == (runtime == "onnx")
-    assert [d["label"] for d in results["onnx"]] == [d["label"] for d in results["torch"]] and len(results["onnx"]) == 40
-    for a, b in zip(results["torch"], results["onnx"]):
+            r = httpx.post(f"{url}/v1/classify", json={"model": run.name, "input": texts})
+            assert r.status_code == 200 and any("ONNX Runtime" in line for line in lines) == (runtime == "onnx")
+            results[runtime] = r.json()
+            if runtime == "torch":
+                single = httpx.post(f"{url}/v1/classify", json={"model": run.name, "input": texts[0]}).json()
+                with pytest.raises(openai.BadRequestError, match="use /v1/classify"):
+                    client(url).completions.create(model=run.name, prompt="hi")
+    data = results["torch"]["data"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    offline = read_jsonl_text(cli("generate", "--model", classifier_run, "--input", tmp_path / "texts.txt", "--format", "jsonl").stdout)
+    assert [d["index"] for d in data] == list(range(len(texts))) and len(texts) == 40
+    assert [d["label"] for d in data] == [o["label"] for o in offline]
+    for d, o in zip(data, offline):
+        assert d["score"] == pytest.approx(o["score"], rel=1e-5) and d["scores"] == pytest.approx(o["scores"], rel=1e-5)
+    assert single["data"][0]["label"] == data[0]["label"]
+    assert results["torch"]["usage"]["prompt_tokens"] == sum(o["prompt_tokens"] for o in offline)
+    assert [d["label"] for d in results["onnx"]["data"]] == [d["label"] for d in data]
+    for a, b in zip(data, results["onnx"]["data"]):
         assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)
 
 
@@ -284,10 +279,7 @@ def test_startup_errors_are_one_line_with_exit_codes(cli, gpt2_run, tmp_path):
         port = taken.getsockname()[1]
         busy = cli("serve", "--model", gpt2_run, "--port", port, expect=1)
     assert busy.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
-    # every interface: a warning without a key, none with one
+    # every interface without a key: one warning (with a key, none: the chat test's server)
     with server(gpt2_run, "--host", "0.0.0.0") as (url, _, lines):
         assert client(url).models.list().data[0].id == gpt2_run.name
         assert sum("without an API key" in line for line in lines) == 1
-    with server(gpt2_run, "--host", "0.0.0.0", env={"LLMCLI_API_KEY": "k"}) as (url, _, lines):
-        assert client(url, key="k").models.list().data[0].id == gpt2_run.name
-        assert not any("without an API key" in line for line in lines)
