@@ -10,10 +10,13 @@ from pathlib import Path
 
 
 def finetune(args: list[str], out: Path) -> dict:
-    """`llmcli finetune ARGS -o OUT --overwrite --quiet`: its summary.json, the tokens Trainer fed (the last
-    `num_input_tokens_seen` in metrics.jsonl, padding included with `include_num_input_tokens_seen: all`) and the wall time."""
+    """`llmcli finetune ARGS -o OUT --no-resume --overwrite --quiet`, trained anew each time (with resume on, a dir
+    holding the same finished run is left as it is, and its old summary would be read back). Returns its summary.json,
+    the tokens Trainer fed (the last `num_input_tokens_seen` in metrics.jsonl, padding included with
+    `include_num_input_tokens_seen: all`) and the wall time."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "llmcli", "finetune", *args, "-o", str(out), "--overwrite", "--quiet"], check=True)
+    subprocess.run([sys.executable, "-m", "llmcli", "finetune", *args, "-o", str(out), "--no-resume", "--overwrite", "--quiet"],
+                   check=True)
     wall = time.perf_counter() - start
     seen = [r["num_input_tokens_seen"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "num_input_tokens_seen" in r]
