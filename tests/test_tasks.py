@@ -115,3 +115,20 @@ def test_a_callback_module_next_to_the_config_is_found(cli, tmp_path, monkeypatc
     cli("pretrain", *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=2",
                           "training.callbacks=[mycallbacks:Stamp]"), "-o", tmp_path / "run")
     assert (tmp_path / "run" / "stamped").read_text() == "2"
+
+
+@pytest.mark.parametrize("fmt, extra, expected", [
+    (DataFormat.LABELLED, [], "group_by_length"),  # the default for classification
+    (DataFormat.LABELLED, ["training.train_sampling_strategy=random"], "random"),
+    (DataFormat.LABELLED, ["data.streaming=true", "training.max_steps=2"], None),  # a stream has no lengths
+    (DataFormat.PROMPT_COMPLETION, [], None),  # random batches unless asked (see check_batching)
+    (DataFormat.PROMPT_COMPLETION, ["training.train_sampling_strategy=group_by_length"], "group_by_length"),
+    (DataFormat.PROMPT_COMPLETION, ["data.packing=true"], None),
+    (DataFormat.TEXT, [], None),
+])
+def test_length_grouping_is_the_default_for_labelled_rows_only(fmt, extra, expected):
+    from llmcli.tasks import check_batching
+
+    cfg = load_config(None, extra, command="finetune")
+    check_batching(cfg, fmt)
+    assert (cfg.training.model_extra or {}).get("train_sampling_strategy") == expected
