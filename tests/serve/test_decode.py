@@ -148,3 +148,17 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
         assert [e["type"] for e in served] == ["end"] and served[0]["completion_tokens"] == 3
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("env, spincount", [({}, "20000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")])
+def test_torch_threads_spin_briefly_unless_the_environment_chooses(env, spincount):
+    """`llmcli serve` shortens libgomp's spin before torch loads (BENCHMARKS.md: serving), and a user's setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from llmcli.serve.serve import _threads_spin_briefly; _threads_spin_briefly(); "
+            "assert 'torch' not in sys.modules; print(os.environ.get('GOMP_SPINCOUNT'))")
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == spincount
