@@ -1,6 +1,8 @@
 """The running batch of `llmcli serve` (continuous batching): rows that join a batch mid-way, and rows that leave
 it, get at every step the logits their own sequence gets alone, without a cache, for GPT-2 and the GRU."""
 
+import json
+
 import pytest
 import torch
 
@@ -150,15 +152,23 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
         engine.stop()
 
 
-@pytest.mark.parametrize("env, spincount", [({}, "20000"), ({"GOMP_SPINCOUNT": "5"}, "5"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")])
-def test_torch_threads_spin_briefly_unless_the_environment_chooses(env, spincount):
+def test_torch_threads_spin_briefly_unless_the_environment_chooses():
     """`llmcli serve` shortens libgomp's spin before torch loads (BENCHMARKS.md: serving), and a user's setting wins."""
-    import os
     import subprocess
     import sys
 
-    code = ("import os, sys; from llmcli.serve.serve import _threads_spin_briefly; _threads_spin_briefly(); "
-            "assert 'torch' not in sys.modules; print(os.environ.get('GOMP_SPINCOUNT'))")
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == spincount
+    code = """
+import json, os, sys
+from llmcli.serve.serve import _threads_spin_briefly
+seen = []
+for env in ({}, {"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    _threads_spin_briefly()
+    seen.append(os.environ.get("GOMP_SPINCOUNT"))
+assert "torch" not in sys.modules
+print(json.dumps(seen))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == ["20000", "5", None]
