@@ -100,7 +100,7 @@ def profile_batch32(run: Path, texts: list[str], batch: int = 32) -> dict:
     for w in range(0, len(texts), window):
         ordered = sorted(texts[w : w + window], key=lambda t: len(tok(t)["input_ids"]))
         batches += [tok(ordered[i : i + batch], padding=True, truncation=True, return_tensors="pt") for i in range(0, len(ordered), batch)]
-    onnx = OnnxClassifier(run / "model.onnx", None, profile=True)
+    onnx = OnnxClassifier(run / "model.onnx", None, profile=str(run.parent / "onnxruntime-profile"))
     for b in batches:
         onnx(**b)
     by_op: collections.Counter = collections.Counter()

@@ -74,14 +74,15 @@ def need_onnxruntime() -> None:
 class OnnxClassifier:
     """A sequence classifier's model.onnx in an ONNX Runtime session (CPU)."""
 
-    def __init__(self, path: Path, config, profile: bool = False):
+    def __init__(self, path: Path, config, profile: str | None = None):
         import onnxruntime as ort
         import torch
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = torch.get_num_threads()
-        options.enable_profiling = profile  # scripts/bench_classify.py --profile: ONNX Runtime's time by operator
+        if profile:  # scripts/bench_classify.py --profile: ONNX Runtime's time by operator, to files named PROFILE_<date>.json
+            options.enable_profiling, options.profile_file_prefix = True, profile
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.config, self.device, self.dtype, self.training = config, torch.device("cpu"), torch.float32, False
