@@ -7,8 +7,9 @@ greedy, `max_tokens` tokens from one of 64 Shakespeare prompts; throughput count
 servers report. Each server first gets one untimed round of the concurrent load (the first batch of each shape
 is slow on CPU), the offline batches one untimed batch. Offline batches, the server's engine alone (in this process, 64
 client threads in a closed loop, no HTTP) and the 64-client load then alternate `--repeats` times (medians reported,
-and each round's ratio); the engine's rows per decode step show how full its batch ran. Then 10,000 short requests,
-the llmcli server's RSS before and after.
+and each round's ratio). Rows per decode step (the engine's; the server's from its /metrics) show how full the batch
+ran, and CPU per request (the server's and the clients' for the served load) where the time went. Then 10,000 short
+requests, the llmcli server's RSS before and after.
 
     python scripts/bench_serve.py --text data/tinyshakespeare.txt --gpt2-tokenizer ../shared/data/gpt2_bpe
     python scripts/bench_serve.py ... --quick          # fewer requests, 1,000 in the soak
@@ -234,7 +235,8 @@ def served(srv: Server, prompts: list[str], clients: int, per_client: int, max_t
     out = asyncio.run(load(srv.url, "m", prompts, clients, per_client, max_tokens))
     server1, client1 = cpu_s(srv.proc.pid), cpu_s()
     s1, c1 = rows_per_step(srv.url)
-    return {**out, "rows_per_step": (s1 - s0) / max(1, c1 - c0), "server_cpu_s": server1 - server0, "client_cpu_s": client1 - client0}
+    return {**out, "rows_per_step": (s1 - s0) / max(1, c1 - c0), "server_cpu_s": server1 - server0, "client_cpu_s": client1 - client0,
+            "cpu_s": server1 - server0 + client1 - client0}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -333,8 +335,8 @@ def main() -> None:
                           ("transformers_serve_concurrent", f"transformers serve, {args.clients} clients")):
             if key in r:
                 x = r[key]
-                print(f"{label:30} {name:34} {x['tokens_per_s']:9.1f} {x.get('p50_s', float('nan')):7.3f} {x.get('p99_s', float('nan')):7.3f} {x.get('rows_per_step', float('nan')):9.1f} "
-                      f"{x.get('cpu_s', x.get('server_cpu_s', 0) + x.get('client_cpu_s', 0)) / per_request if key != 'llmcli_sequential' and 'transformers' not in key else float('nan'):14.1f}")
+                print(f"{label:30} {name:34} {x['tokens_per_s']:9.1f} {x.get('p50_s', float('nan')):7.3f} {x.get('p99_s', float('nan')):7.3f} "
+                      f"{x.get('rows_per_step', float('nan')):9.1f} {x.get('cpu_s', float('nan')) / per_request:14.1f}")
         print(f"{label:30} ratios: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} " + "/".join(f"{x:.2f}" for x in v)
                                                   for k, v in r["ratios"].items()))
         c = r["llmcli_concurrent"]
