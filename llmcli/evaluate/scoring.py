@@ -27,8 +27,9 @@ class Scorer:
     def score(self, texts: list[str], add_eos: bool = True) -> list[float]:
         import torch
 
-        if self.is_reward_model and add_eos and self.tokenizer.eos_token:
-            texts = [t + self.tokenizer.eos_token for t in texts]  # as TRL's RewardTrainer trained it
+        eos = self.tokenizer.eos_token
+        if self.is_reward_model and add_eos and eos:  # as TRL's RewardTrainer trained it: EOS at the end, once
+            texts = [t if t.endswith(eos) else t + eos for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [0.0] * len(texts)
         self.tokenizer.padding_side = "right"  # absolute positions start at 0

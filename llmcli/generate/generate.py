@@ -24,6 +24,7 @@ from llmcli.config import Config, GenerationSection
 from llmcli.errors import ConfigError
 from llmcli.generate.prompts import PAUSE, Prompt, read_prompts
 from llmcli.models import load
+from llmcli.models.heads import is_reward_model
 
 WINDOW_BATCHES = 4  # sort by length within this many batches: less padding, output still streams
 NO_START = "empty prompt, and the tokenizer has no BOS or EOS token to start from"
@@ -109,8 +110,10 @@ def _run_batches(model, tokenizer, items: Iterable[Prompt], g: GenerationSection
             encoded = [_encode(tokenizer, p.text) for p in window]
             results: dict[int, dict[str, Any]] = {i: {"error": NO_START} for i, ids in enumerate(encoded) if ids is None}
             unanswerable += len(results)
-            cut += sum(1 for ids in encoded if ids is not None and len(ids) > limit)
-            encoded = [ids if ids is None else ids[-limit:] if kind == "causal-lm" else ids[:limit] for ids in encoded]
+            fitted = [None if ids is None else (ids[-limit:], len(ids) > limit) if kind == "causal-lm"
+                      else classifier_ids(model, tokenizer, ids, limit) for ids in encoded]
+            encoded = [f if f is None else f[0] for f in fitted]
+            cut += sum(1 for f in fitted if f is not None and f[1])
             order = sorted((i for i in range(len(window)) if encoded[i] is not None), key=lambda i: len(encoded[i]))
             bar.advance(len(results))
             for b in range(0, len(order), g.batch_size):
@@ -126,7 +129,8 @@ def _run_batches(model, tokenizer, items: Iterable[Prompt], g: GenerationSection
                      "from): their lines are empty, or hold an 'error' field in JSONL")
     if cut:
         what = "the model's context less max_new_tokens" if kind == "causal-lm" else "the model's context"
-        console.warn(f"{cut} prompt(s) longer than {limit} tokens ({what}) were cut from the {'left' if kind == 'causal-lm' else 'right'}")
+        left = kind == "causal-lm" or is_reward_model(model.config)
+        console.warn(f"{cut} prompt(s) longer than {limit} tokens ({what}) were cut from the {'left' if left else 'right'}")
     return answered
 
 
@@ -256,12 +260,27 @@ def finish(tokenizer, seq: list[int], eos: set[int], g: GenerationSection) -> tu
     return text, len(seq), reason
 
 
-def classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection) -> list[dict[str, Any]]:
+def classifier_ids(model, tokenizer, ids: list[int], limit: int) -> tuple[list[int], bool]:
+    """What a sequence classifier reads of a prompt, and whether it was cut to `limit` tokens. A classifier reads
+    the start. A reward model reads the prompt and EOS, as TRL's RewardTrainer trained it (and as `Scorer` scores
+    texts), and keeps the end when it must cut: what is judged is the completion."""
+    if not is_reward_model(model.config):
+        return ids[:limit], len(ids) > limit
+    eos = tokenizer.eos_token_id
+    ids = ids + [eos] if eos is not None and ids[-1] != eos else ids
+    return ids[-limit:], len(ids) > limit
+
+
+def classify_batch(model, tokenizer, batch: list[list[int]], g: GenerationSection | None) -> list[dict[str, Any]]:
+    """Each row's label, its probability and every class's; a reward model's row is its reward (the logit).
+    Rows come from `classifier_ids`."""
     import torch
 
     input_ids, mask = pad_batch(tokenizer, batch, model.device, left=False)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    if is_reward_model(model.config):
+        return [{"score": float(value), "prompt_tokens": len(ids)} for ids, value in zip(batch, logits[:, 0].tolist())]
     probs = torch.softmax(logits, dim=-1).tolist()
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     results = []
@@ -277,7 +296,7 @@ def _format(item: Prompt, res: dict[str, Any], fmt: str, kind: str) -> str:
         return "" if fmt == "text" else json.dumps({**item.extra, "prompt": item.text, "error": res["error"]}, ensure_ascii=False)
     if kind == "classification":
         if fmt == "text":
-            return f"{res['label']}\t{res['score']:.4f}"
+            return f"{res['label']}\t{res['score']:.4f}" if "label" in res else f"{res['score']:.4f}"
         return json.dumps({**item.extra, "prompt": item.text, **res}, ensure_ascii=False)
     single = len(res["completion"]) == 1
     if fmt == "text":

@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import Any
 
+from llmcli.generate.generate import NO_START, _encode, classifier_ids
 from llmcli.serve.engine import Engine, Job, Sampling
 from llmcli.serve.protocol import ApiError, ChatRequest, ClassifyRequest, CompletionRequest, SamplingRequest
 
@@ -43,8 +44,6 @@ class Service:
                            "model", "wrong_model_kind")
 
     def encode(self, text: str, param: str) -> list[int]:
-        from llmcli.generate.generate import NO_START, _encode
-
         ids = _encode(self.tokenizer, text)
         if ids is None:
             raise ApiError(400, f"{param}: {NO_START}", param)
@@ -187,8 +186,8 @@ def build_app(service: Service):
         if len(texts) > 4 * serve_cfg.max_batch_size:
             raise ApiError(400, f"{len(texts)} inputs is more than 4 x serve.max_batch_size", "input")
         limit = service.context or 10**9
-        prompts = [service.encode(t, "input")[:limit] for t in texts]
-        job, events = service.submit(lambda emit: Job("classify", prompts, emit, texts=texts))
+        prompts = [classifier_ids(service.engine.model, service.tokenizer, service.encode(t, "input"), limit)[0] for t in texts]
+        job, events = service.submit(lambda emit: Job("classify", prompts, emit))
         rows = await service.collect(job, events, len(prompts))
         data = [{"index": i, **{k: v for k, v in rows[i].items() if k in ("label", "score", "scores")}} for i in sorted(rows)]
         usage = {"prompt_tokens": sum(map(len, prompts)), "total_tokens": sum(map(len, prompts))}

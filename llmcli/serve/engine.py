@@ -57,7 +57,6 @@ class Job:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     sampling: Sampling | None = None
-    texts: list[str] = field(default_factory=list)  # classify: the inputs as given
     stream: bool = True  # False: no per-token text is needed, only the end's (saves a decode per token)
     cancelled: threading.Event = field(default_factory=threading.Event)
     id: int = field(default_factory=itertools.count().__next__)
@@ -149,16 +148,9 @@ class Engine:
             job.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
 
     def _classify(self, batch: list[Row]) -> None:
-        from llmcli.evaluate.scoring import Scorer
         from llmcli.generate.generate import classify_batch
-        from llmcli.models.heads import is_reward_model
 
-        if is_reward_model(self.model.config):
-            scores = Scorer(self.model, self.tokenizer, len(batch)).score([r.job.texts[r.index] for r in batch])
-            results = [{"score": s} for s in scores]
-        else:
-            results = classify_batch(self.model, self.tokenizer, [r.prompt for r in batch], None)
-        for row, res in zip(batch, results):
+        for row, res in zip(batch, classify_batch(self.model, self.tokenizer, [r.prompt for r in batch], None)):
             row.job.emit({"type": "classified", "index": row.index, **res})
 
     def _generate(self) -> bool:

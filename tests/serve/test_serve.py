@@ -283,3 +283,49 @@ def test_startup_errors_are_one_line_with_exit_codes(cli, gpt2_run, tmp_path):
     with server(gpt2_run, "--host", "0.0.0.0") as (url, _, lines):
         assert client(url).models.list().data[0].id == gpt2_run.name
         assert sum("without an API key" in line for line in lines) == 1
+
+
+def test_a_reward_model_is_scored_by_its_reward_in_serve_and_generate(cli, gpt2_run, tmp_path):
+    """A reward model (one output) gets its reward, not a label: the logit of the text and EOS, as TRL's
+    RewardTrainer trained it, from /v1/classify, from `llmcli generate` (JSONL and text) and from eval's `Scorer`,
+    each equal to an independent forward of that one text; a text longer than the context keeps its end."""
+    import torch
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    from llmcli.evaluate.scoring import Scorer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(gpt2_run)
+    model = GPT2ForSequenceClassification.from_pretrained(gpt2_run, num_labels=1).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    run = tmp_path / "reward"
+    model.save_pretrained(run)
+    tok.save_pretrained(run)
+    texts = [json.loads(line)["text"] for line in (FIXTURES / "sentiment_dev.jsonl").read_text().splitlines()][:7]
+    texts.append(" ".join([texts[0], *PROMPTS, texts[1]]))  # > 128 tokens: cut from the left, its end read
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        ids = [tok(t)["input_ids"] for t in texts]
+        reads = [(i + [eos])[-128:] for i in ids]
+        reference = [float(model(torch.tensor([r])).logits[0, 0]) for r in reads]
+        its_start = float(model(torch.tensor([ids[-1][:127] + [eos]])).logits[0, 0])
+    assert len(ids[-1]) > 128 and reference[-1] != pytest.approx(its_start, rel=1e-3)  # which end is read shows
+
+    inputs = tmp_path / "texts.txt"
+    inputs.write_text("\n".join(texts) + "\n")
+    result = cli("generate", "--model", run, "--input", inputs, "--format", "jsonl")
+    offline = read_jsonl_text(result.stdout)
+    assert [set(o) for o in offline] == [{"prompt", "score", "prompt_tokens"}] * len(texts)
+    assert [o["score"] for o in offline] == pytest.approx(reference, rel=1e-5)
+    assert [o["prompt_tokens"] for o in offline] == [len(r) for r in reads]
+    assert "1 prompt(s) longer than 128 tokens (the model's context) were cut from the left" in result.stderr
+    assert cli("generate", "--model", run, "--prompt", texts[0]).stdout == f"{reference[0]:.4f}\n"
+    assert Scorer(model, tok, 4).score(texts) == pytest.approx(reference, rel=1e-5)
+
+    with server(run) as (url, _, _lines):
+        r = httpx.post(f"{url}/v1/classify", json={"model": run.name, "input": texts})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [set(d) for d in data] == [{"index", "score"}] * len(texts)
+    assert [d["score"] for d in data] == pytest.approx(reference, rel=1e-5)
+    assert r.json()["usage"]["prompt_tokens"] == sum(map(len, reads))
