@@ -109,6 +109,22 @@ def gpt2_run(tmp_path_factory):
                         *sets(*TINY_GPT2, f"data.train_file={FIXTURES / 'shakespeare_small.txt'}", "training.max_steps=40"))
 
 
+@pytest.fixture(scope="session")
+def reward_run(tmp_path_factory, gpt2_run):
+    """A reward model (a one-output sequence classifier) on the tiny GPT-2: its score head random (seed 0)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(gpt2_run)
+    model = GPT2ForSequenceClassification.from_pretrained(gpt2_run, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    out = tmp_path_factory.mktemp("runs") / "reward"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -8,7 +8,8 @@
 ONNX Runtime and the torch model label the check rows (`--data`, else the run's validation data
 from its config.yaml): the export is kept, as `model.onnx` with `model.onnx.json` (the check's
 numbers, the weights it came from), only if every label is identical and no class probability
-differs by more than 1e-4. Otherwise it is exit 1 and nothing is written. `generate` and `eval`
+differs by more than 1e-4 (a reward model: no score by more than 1e-4 of max(1, |score|)).
+Otherwise it is exit 1 and nothing is written. `generate` and `eval`
 then label with it (`models/onnx.py`).
 
 `--format hf` (LoRA run dirs): the adapter folded into its base, saved with the tokenizer, the
@@ -26,9 +27,10 @@ from llmcli.config import Config, load_config
 from llmcli.errors import ConfigError, LlmcliError
 from llmcli.files import write_json_atomic
 from llmcli.models import load, onnx
+from llmcli.models.heads import is_reward_model
 from llmcli.tasks import Task
 
-MAX_PROB_DIFF = 1e-4
+MAX_DIFF = 1e-4  # a class probability's, or a reward model's score's relative to at least 1
 FORMATS = ("onnx", "hf")
 
 
@@ -59,25 +61,32 @@ def _onnx(cfg: Config, path: Path, data_path: str | None) -> dict[str, Any]:
         console.info(f"exporting {path} to ONNX")
         onnx.export(model, tokenizer, temporary)
         session = onnx.OnnxClassifier(temporary, model.config)
+        reward = is_reward_model(model.config)  # its score is the logit: a softmax over its one output is always 1
+        key, what = ("max_score_diff", "score difference (relative, to at least 1)") if reward else ("max_prob_diff", "probability difference")
         labels_differ, max_diff = 0, 0.0
         tokenizer.padding_side = "right"
         for b in range(0, len(texts), 32):
             enc = tokenizer(texts[b : b + 32], padding=True, truncation=True, max_length=cfg.data.max_seq_length, return_tensors="pt")
             with torch.inference_mode():
-                want = torch.softmax(model(**enc).logits.float(), -1)
-            got = torch.softmax(session(**enc).logits.float(), -1)
-            labels_differ += int((want.argmax(-1) != got.argmax(-1)).sum())
-            max_diff = max(max_diff, float((want - got).abs().max()))
-        check = {"rows": len(texts), "source": source, "labels_differ": labels_differ, "max_prob_diff": max_diff}
-        if labels_differ or max_diff > MAX_PROB_DIFF:
+                want = model(**enc).logits.float()
+            got = session(**enc).logits.float()
+            if reward:
+                diff = (want[:, 0] - got[:, 0]).abs() / want[:, 0].abs().clamp(min=1)
+            else:
+                want, got = torch.softmax(want, -1), torch.softmax(got, -1)
+                labels_differ += int((want.argmax(-1) != got.argmax(-1)).sum())
+                diff = (want - got).abs()
+            max_diff = max(max_diff, float(diff.max()))
+        check = {"rows": len(texts), "source": source, "labels_differ": labels_differ, key: max_diff}
+        if labels_differ or max_diff > MAX_DIFF:
             raise LlmcliError(f"the ONNX export disagrees with the model on {source}: {labels_differ} of {len(texts)} labels "
-                               f"differ, largest probability difference {max_diff:.2e} (limit {MAX_PROB_DIFF:g}); nothing written")
+                               f"differ, largest {what} {max_diff:.2e} (limit {MAX_DIFF:g}); nothing written")
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
-    write_json_atomic(path / onnx.RECORD_FILE, {"source": onnx.weights_fingerprint(path), "check": check})
-    console.info(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB): {len(texts)} rows of {source} labelled identically, "
-                 f"largest probability difference {max_diff:.1e}")
+    write_json_atomic(path / onnx.RECORD_FILE, {"format": onnx.RECORD_FORMAT, "source": onnx.weights_fingerprint(path), "check": check})
+    console.info(f"wrote {target} ({target.stat().st_size / 2**20:.1f} MiB): {len(texts)} rows of {source} "
+                 f"{'scored' if reward else 'labelled identically'}, largest {what} {max_diff:.1e}")
     return {"onnx": str(target), **check}
 
 

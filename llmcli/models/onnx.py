@@ -20,6 +20,7 @@ from llmcli import console
 from llmcli.errors import ConfigError
 
 ONNX_FILE, RECORD_FILE = "model.onnx", "model.onnx.json"
+RECORD_FORMAT = 2  # 2: exports trace only the tokenizer's inputs, and a reward model's check compares its scores
 
 
 def weights_fingerprint(model_dir: Path) -> dict[str, object]:
@@ -54,11 +55,15 @@ def choose(model_dir: str, kind, runtime: str) -> bool:
     except ImportError:
         console.warn(f"{path} is not used: onnxruntime is not installed (pip install 'llmcli[onnx]')")
         return False
-    record = Path(model_dir) / RECORD_FILE
     try:
-        current = json.loads(record.read_text())["source"] == weights_fingerprint(Path(model_dir))
-    except (OSError, ValueError, KeyError):
-        current = False
+        record = json.loads((Path(model_dir) / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("format") != RECORD_FORMAT:
+        console.warn(f"{path} is not used: an older `llmcli export` wrote it, whose GPT-2-style classifiers and reward "
+                     "models could differ from the model (run `llmcli export` again)")
+        return False
+    current = record.get("source") == weights_fingerprint(Path(model_dir))
     if not current:
         console.warn(f"{path} is not used: the weights changed since it was exported (run `llmcli export` again)")
     return current
@@ -111,14 +116,18 @@ class OnnxClassifier:
 
 def export(model, tokenizer, path: Path) -> None:
     """Write `model` (a sequence classifier) as ONNX at `path`: inputs input_ids, attention_mask (and
-    token_type_ids where the model takes them), batch and length dynamic; output logits."""
+    token_type_ids where the model takes them and the tokenizer gives them), batch and length dynamic;
+    output logits. Only the tokenizer's inputs: GPT-2 takes token_type_ids too, but adds their
+    embedding when they are given, so zeros there would change every score."""
     import inspect
     import logging
 
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.INFO if console.debug() else logging.ERROR)  # its optional-op notes
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in inspect.signature(model.forward).parameters]
+    sample = tokenizer(["an example to trace", "a second, longer example to trace the shapes"], padding=True, return_tensors="pt")
+    params = inspect.signature(model.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params and n in sample]
 
     class Logits(torch.nn.Module):
         """The classifier with positional inputs, returning its logits alone."""
@@ -131,8 +140,7 @@ def export(model, tokenizer, path: Path) -> None:
             given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             return self.model(**{n: given[n] for n in names}).logits
 
-    sample = tokenizer(["an example to trace", "a second, longer example to trace the shapes"], padding=True, return_tensors="pt")
-    args = tuple(sample[n] if n in sample else torch.zeros_like(sample["input_ids"]) for n in names)
+    args = tuple(sample[n] for n in names)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     with torch.no_grad():
         torch.onnx.export(Logits().eval(), args, str(path), input_names=names, output_names=["logits"], dynamo=True,

@@ -69,6 +69,42 @@ def test_a_mismatched_export_writes_nothing(cli, run, monkeypatch):
     assert not (run / "model.onnx").exists() and not (run / "model.onnx.json").exists() and not list(run.glob(".*.tmp"))
 
 
+def test_a_gpt2_reward_model_exports_with_its_scores(cli, reward_run, tmp_path, monkeypatch):
+    """A reward model's export is checked on its scores (a softmax over its one output is always 1, so a label check
+    passes anything), and a GPT-2 one scores as the model does: GPT-2 takes token_type_ids but adds their embedding
+    when given, so only the tokenizer's inputs are traced. An export from before that is not used."""
+    from llmcli.models import onnx
+
+    run = shutil.copytree(reward_run, tmp_path / "reward")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(r["text"] + "\n" for r in read_jsonl(DEV)))
+    call = onnx.OnnxClassifier.__call__
+
+    def off(self, *args, **kwargs):  # the scores move by 1%: well past the check's 1e-4
+        out = call(self, *args, **kwargs)
+        out.logits[:, 0] += 0.01
+        return out
+
+    with monkeypatch.context() as patched:
+        patched.setattr(onnx.OnnxClassifier, "__call__", off)
+        refused = cli("export", "--model", run, "--data", DEV, "--set", "data.label_column=sentiment", expect=1)
+    assert "largest score difference" in refused.stderr and not (run / "model.onnx").exists()
+
+    cli("export", "--model", run, "--data", DEV, "--set", "data.label_column=sentiment")
+    record = json.loads((run / "model.onnx.json").read_text())
+    assert record["format"] == onnx.RECORD_FORMAT and record["check"]["rows"] == 40 and record["check"]["max_score_diff"] <= 1e-4
+    torch_out = read_jsonl_text(cli("generate", "--model", run, "--input", texts, "--format", "jsonl", "--runtime", "torch").stdout)
+    onnx_run = cli("generate", "--model", run, "--input", texts, "--format", "jsonl")
+    assert "labelling with ONNX Runtime" in onnx_run.stderr and len(torch_out) == 40
+    assert [o["score"] for o in read_jsonl_text(onnx_run.stdout)] == pytest.approx([o["score"] for o in torch_out], rel=1e-5, abs=1e-6)
+
+    del record["format"]  # as an older llmcli wrote it
+    (run / "model.onnx.json").write_text(json.dumps(record))
+    old = cli("generate", "--model", run, "--input", texts, "--format", "jsonl")
+    assert "an older `llmcli export` wrote it" in old.stderr and "labelling with ONNX Runtime" not in old.stderr
+    assert read_jsonl_text(old.stdout) == torch_out
+
+
 def test_export_bad_input_is_exit_2(cli, gpt2_run, classifier_run, tmp_path):
     assert "exports sequence classifiers" in cli("export", "--model", gpt2_run, "--data", DEV, expect=2).stderr
     assert "--format" in cli("export", "--model", classifier_run, "--format", "tflite", expect=2).stderr

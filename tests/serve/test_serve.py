@@ -285,22 +285,17 @@ def test_startup_errors_are_one_line_with_exit_codes(cli, gpt2_run, tmp_path):
         assert sum("without an API key" in line for line in lines) == 1
 
 
-def test_a_reward_model_is_scored_by_its_reward_in_serve_and_generate(cli, gpt2_run, tmp_path):
+def test_a_reward_model_is_scored_by_its_reward_in_serve_and_generate(cli, reward_run, tmp_path):
     """A reward model (one output) gets its reward, not a label: the logit of the text and EOS, as TRL's
     RewardTrainer trained it, from /v1/classify, from `llmcli generate` (JSONL and text) and from eval's `Scorer`,
     each equal to an independent forward of that one text; a text longer than the context keeps its end."""
     import torch
-    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from llmcli.evaluate.scoring import Scorer
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(gpt2_run)
-    model = GPT2ForSequenceClassification.from_pretrained(gpt2_run, num_labels=1).eval()
-    model.config.pad_token_id = tok.pad_token_id
-    run = tmp_path / "reward"
-    model.save_pretrained(run)
-    tok.save_pretrained(run)
+    run = reward_run
+    tok, model = AutoTokenizer.from_pretrained(run), AutoModelForSequenceClassification.from_pretrained(run).eval()
     texts = [json.loads(line)["text"] for line in (FIXTURES / "sentiment_dev.jsonl").read_text().splitlines()][:7]
     texts.append(" ".join([texts[0], *PROMPTS, texts[1]]))  # > 128 tokens: cut from the left, its end read
     eos = tok.eos_token_id
