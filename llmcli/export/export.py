@@ -79,8 +79,9 @@ def _onnx(cfg: Config, path: Path, data_path: str | None) -> dict[str, Any]:
             max_diff = max(max_diff, float(diff.max()))
         check = {"rows": len(texts), "source": source, "labels_differ": labels_differ, key: max_diff}
         if labels_differ or max_diff > MAX_DIFF:
-            raise LlmcliError(f"the ONNX export disagrees with the model on {source}: {labels_differ} of {len(texts)} labels "
-                               f"differ, largest {what} {max_diff:.2e} (limit {MAX_DIFF:g}); nothing written")
+            labels = "" if reward else f"{labels_differ} of {len(texts)} labels differ, "
+            raise LlmcliError(f"the ONNX export disagrees with the model on {source}: {labels}largest {what} {max_diff:.2e} "
+                               f"(limit {MAX_DIFF:g}); nothing written")
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)

@@ -88,7 +88,8 @@ def test_a_gpt2_reward_model_exports_with_its_scores(cli, reward_run, tmp_path, 
     with monkeypatch.context() as patched:
         patched.setattr(onnx.OnnxClassifier, "__call__", off)
         refused = cli("export", "--model", run, "--data", DEV, "--set", "data.label_column=sentiment", expect=1)
-    assert "largest score difference" in refused.stderr and not (run / "model.onnx").exists()
+    assert "disagrees with the model on" in refused.stderr and "largest score difference" in refused.stderr
+    assert "labels differ" not in refused.stderr and not (run / "model.onnx").exists()
 
     cli("export", "--model", run, "--data", DEV, "--set", "data.label_column=sentiment")
     record = json.loads((run / "model.onnx.json").read_text())
