@@ -13,7 +13,7 @@ Rules that make it reboot-safe and multi-worker:
 - A trial records its worker (host, boot id, pid) and a heartbeat as user attributes. A RUNNING
   trial whose worker is gone (same host: its trial dir's run lock is no longer held, or before the
   lock exists its pid is dead or the machine rebooted; another host: no heartbeat for STALE_AFTER_S)
-  is put back to WAITING; `study.ask()` claims WAITING trials atomically (Optuna's
+  is put back to WAITING, except while a worker that just re-attached it is starting its run; `study.ask()` claims WAITING trials atomically (Optuna's
   own trial queue), so exactly one worker re-attaches it, with its number and parameters, and its run
   resumes from the newest checkpoint.
 - The sweep dir has no lock of its own, since several workers share it: each trial dir is locked by
@@ -50,6 +50,7 @@ from llmcli.train import rundir
 WAIT_S = 5  # how often a worker waiting for other workers' trials looks again
 HEARTBEAT_S = 60  # a running trial refreshes its heartbeat this often
 STALE_AFTER_S = 300  # a trial of another host with no heartbeat for this long is taken over
+CLAIM_GRACE_S = 60  # from a worker's claim of a trial to its run taking the trial dir's lock (seconds, at most)
 
 
 def run(sweep: SweepConfig, overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
@@ -171,17 +172,25 @@ def _requeue_orphans(study, sweep_dir: Path) -> None:
 
 def _worker_alive(trial, now: float, sweep_dir: Path | None = None) -> bool:
     """A running trial's worker is alive while it holds its trial dir's run lock (asked of the kernel:
-    a recorded pid may be this process's own, pid 1 after a container restart, or reused). Before
-    the lock exists: the worker's pid on this boot; another host's: its heartbeat."""
+    a recorded pid may be this process's own, pid 1 after a container restart, or reused). Until that
+    lock is taken, the run is starting: a trial re-attached since its worker was recorded (started
+    after its last heartbeat) waits for its new worker to record itself, as a new trial does; a trial
+    claimed by a live pid of this boot has CLAIM_GRACE_S from the claim to take the lock. Before any
+    lock file exists: the worker's pid on this boot. Another host's: its heartbeat."""
     a = trial.user_attrs
+    started = trial.datetime_start.timestamp()
     if "worker_host" not in a:  # killed between ask() and recording its worker
-        return now - trial.datetime_start.timestamp() < STALE_AFTER_S
-    if a["worker_host"] == socket.gethostname():
-        held = layout.lock_is_held(confirm.trial_dir(sweep_dir, trial) / layout.LOCK_NAME) if sweep_dir is not None else None
-        if held is not None:
-            return held
-        return a.get("worker_boot") == _boot_id() and a.get("worker_pid") != os.getpid() and layout.pid_alive(int(a["worker_pid"]))
-    return now - float(a.get("heartbeat", 0)) < STALE_AFTER_S
+        return now - started < STALE_AFTER_S
+    heartbeat = float(a.get("heartbeat", 0))
+    if a["worker_host"] != socket.gethostname():
+        return now - heartbeat < STALE_AFTER_S
+    held = layout.lock_is_held(confirm.trial_dir(sweep_dir, trial) / layout.LOCK_NAME) if sweep_dir is not None else None
+    if held:
+        return True
+    if heartbeat < started:  # another worker re-attached it a moment ago and is recording itself
+        return now - started < STALE_AFTER_S
+    pid_lives = a.get("worker_boot") == _boot_id() and a.get("worker_pid") != os.getpid() and layout.pid_alive(int(a["worker_pid"]))
+    return pid_lives if held is None else pid_lives and now - heartbeat < CLAIM_GRACE_S
 
 
 def _finished_summary(run_dir: Path) -> dict | None:

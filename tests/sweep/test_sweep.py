@@ -203,16 +203,18 @@ def test_shipped_sweep_config_validates(monkeypatch):
 
 
 def test_worker_liveness_rules(tmp_path):
-    """Which RUNNING trials a rerun takes over. Here: a trial dir whose run lock is held is alive, one
+    """Which RUNNING trials a rerun takes over. Here: a trial dir whose run lock is held is alive; one
     whose lock file is left unheld is not, whatever pid it names (the checker's own, pid 1 after a
-    container restart, a reused one); before the lock exists, a live pid of this boot other than the
-    checker's own. Elsewhere: a fresh heartbeat."""
+    container restart, a reused one), unless it is starting again: re-attached since its worker was
+    recorded (its start is newer than its heartbeat), or claimed moments ago by a live pid that has not
+    taken the lock yet (the race where two workers both reported the same orphan). Before the lock
+    exists, a live pid of this boot other than the checker's own. Elsewhere: a fresh heartbeat."""
     import datetime
     import socket
 
     import optuna
 
-    from llmcli.sweep.sweep import STALE_AFTER_S, _boot_id, _worker_alive
+    from llmcli.sweep.sweep import CLAIM_GRACE_S, STALE_AFTER_S, _boot_id, _worker_alive
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -225,15 +227,21 @@ def test_worker_liveness_rules(tmp_path):
     stale.mkdir()
     (stale / ".llmcli.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # killed: not held
     now = time.time()
-    here = {"worker_host": socket.gethostname(), "worker_boot": _boot_id()}
-    cases = [  # (trial number, attrs, age, alive)
-        (0, {**here, "worker_pid": live.pid}, 0, True),  # no lock file yet: the pid
-        (0, {**here, "worker_pid": dead.pid}, 0, False),
-        (0, {**here, "worker_pid": os.getpid()}, 0, False),  # the checker itself is not running it
-        (0, {**here, "worker_boot": "another-boot", "worker_pid": live.pid}, 0, False),  # a reboot reused the pid
+    here = {"worker_host": socket.gethostname(), "worker_boot": _boot_id(), "heartbeat": now - 5}  # claimed 5 s after its start
+    cases = [  # (trial number, attrs, age (since its start), alive)
+        (0, {**here, "worker_pid": live.pid}, 10, True),  # no lock file yet: the pid
+        (0, {**here, "worker_pid": dead.pid}, 10, False),
+        (0, {**here, "worker_pid": os.getpid()}, 10, False),  # the checker itself is not running it
+        (0, {**here, "worker_boot": "another-boot", "worker_pid": live.pid}, 10, False),  # a reboot reused the pid
         (1, {**here, "worker_pid": holder.pid}, 0, True),  # the lock is held
-        (2, {**here, "worker_pid": os.getpid()}, 0, False),  # a lock file nobody holds, naming a live pid
-        (2, {**here, "worker_pid": 1}, 0, False),
+        # a lock file nobody holds (its run was killed), with the heartbeat of the claim that started it
+        (2, {**here, "worker_pid": os.getpid()}, 10, False),  # the checker itself
+        (2, {**here, "worker_pid": dead.pid}, 10, False),  # the killed worker: taken over at once
+        (2, {**here, "worker_pid": 1, "heartbeat": now - CLAIM_GRACE_S - 1}, CLAIM_GRACE_S + 10, False),  # pid 1, claimed long ago
+        (2, {**here, "worker_pid": live.pid, "heartbeat": now - CLAIM_GRACE_S - 1}, CLAIM_GRACE_S + 10, False),  # a reused pid
+        (2, {**here, "worker_pid": live.pid}, 10, True),  # claimed 5 s ago, its lock not taken yet
+        (2, {**here, "worker_pid": dead.pid, "heartbeat": now - 50}, 10, True),  # re-attached 10 s ago, not yet recorded
+        (2, {**here, "worker_pid": dead.pid, "heartbeat": now - STALE_AFTER_S - 50}, STALE_AFTER_S + 1, False),  # nobody came
         (0, {"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - 10}, 0, True),
         (0, {"worker_host": "elsewhere", "worker_pid": 1, "heartbeat": now - STALE_AFTER_S - 1}, 0, False),
         (0, {}, 10, True),  # killed between ask() and recording its worker: waits for the stale period
