@@ -13,9 +13,9 @@ Rules that make it reboot-safe and multi-worker:
 - A trial records its worker (host, boot id, pid) and a heartbeat as user attributes. A RUNNING
   trial whose worker is gone (same host: its trial dir's run lock is no longer held, or before the
   lock exists its pid is dead or the machine rebooted; another host: no heartbeat for STALE_AFTER_S)
-  is put back to WAITING, except while a worker that just re-attached it is starting its run; `study.ask()` claims WAITING trials atomically (Optuna's
-  own trial queue), so exactly one worker re-attaches it, with its number and parameters, and its run
-  resumes from the newest checkpoint.
+  is put back to WAITING, except while a worker that just re-attached it is starting its run;
+  `study.ask()` claims WAITING trials atomically (Optuna's own trial queue), so exactly one worker
+  re-attaches it, with its number and parameters, and its run resumes from the newest checkpoint.
 - The sweep dir has no lock of its own, since several workers share it: each trial dir is locked by
   its run (`.llmcli.lock`), and the sweep-level files are replaced atomically by whoever writes last.
 - `n_trials` counts COMPLETE, PRUNED, RUNNING and WAITING trials and diverged (NaN-loss) failures, over

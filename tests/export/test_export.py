@@ -26,8 +26,7 @@ def test_export_then_generate_eval_use_onnx_with_the_same_labels(cli, run, tmp_p
     assert record["check"]["rows"] == 40 and record["check"]["labels_differ"] == 0 and record["check"]["max_prob_diff"] <= 1e-4
     assert "40 rows" in result.stderr and "[torch.onnx]" not in result.stdout + result.stderr  # the exporter's chatter only with --debug
 
-    texts = tmp_path / "texts.txt"
-    texts.write_text("".join(r["text"] + "\n" for r in read_jsonl(DEV)))
+    texts = _dev_texts(tmp_path)
     torch_out = cli("generate", "--model", run, "--input", texts, "--format", "jsonl", "--runtime", "torch")
     onnx_out = cli("generate", "--model", run, "--input", texts, "--format", "jsonl")  # auto: model.onnx is there and current
     assert "ONNX Runtime" in onnx_out.stderr and "ONNX Runtime" not in torch_out.stderr
@@ -53,17 +52,30 @@ def test_export_then_generate_eval_use_onnx_with_the_same_labels(cli, run, tmp_p
     assert "weights changed since it was exported" in stale.stderr and "labelling with ONNX Runtime" not in stale.stderr
 
 
-def test_a_mismatched_export_writes_nothing(cli, run, monkeypatch):
+def _shift_onnx_logits(patch) -> None:
+    """An exporter bug, as the check would see it: ONNX Runtime's first logit moves by 0.01 (with `patch`, a
+    MonkeyPatch or one of its contexts)."""
     from llmcli.models import onnx
 
     call = onnx.OnnxClassifier.__call__
 
-    def off(self, *args, **kwargs):  # an exporter bug, as the check would see it: the logits move
+    def off(self, *args, **kwargs):
         out = call(self, *args, **kwargs)
         out.logits[:, 0] += 0.01
         return out
 
-    monkeypatch.setattr(onnx.OnnxClassifier, "__call__", off)
+    patch.setattr(onnx.OnnxClassifier, "__call__", off)
+
+
+def _dev_texts(tmp_path):
+    """The dev sentences as a text file, one prompt a line."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(r["text"] + "\n" for r in read_jsonl(DEV)))
+    return texts
+
+
+def test_a_mismatched_export_writes_nothing(cli, run, monkeypatch):
+    _shift_onnx_logits(monkeypatch)
     result = cli("export", "--model", run, expect=1)
     assert "disagrees with the model" in result.stderr and "nothing written" in result.stderr and "Traceback" not in result.stderr
     assert not (run / "model.onnx").exists() and not (run / "model.onnx.json").exists() and not list(run.glob(".*.tmp"))
@@ -76,17 +88,9 @@ def test_a_gpt2_reward_model_exports_with_its_scores(cli, reward_run, tmp_path, 
     from llmcli.models import onnx
 
     run = shutil.copytree(reward_run, tmp_path / "reward")
-    texts = tmp_path / "texts.txt"
-    texts.write_text("".join(r["text"] + "\n" for r in read_jsonl(DEV)))
-    call = onnx.OnnxClassifier.__call__
-
-    def off(self, *args, **kwargs):  # the scores move by 1%: well past the check's 1e-4
-        out = call(self, *args, **kwargs)
-        out.logits[:, 0] += 0.01
-        return out
-
+    texts = _dev_texts(tmp_path)
     with monkeypatch.context() as patched:
-        patched.setattr(onnx.OnnxClassifier, "__call__", off)
+        _shift_onnx_logits(patched)  # the scores move by 0.01: well past the check's 1e-4
         refused = cli("export", "--model", run, "--data", DEV, "--set", "data.label_column=sentiment", expect=1)
     assert "disagrees with the model on" in refused.stderr and "largest score difference" in refused.stderr
     assert "labels differ" not in refused.stderr and not (run / "model.onnx").exists()
